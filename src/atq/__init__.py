@@ -1,0 +1,34 @@
+"""ATQ: adaptive ternary quantization of HuggingFace causal language models.
+
+Public API (names are load-bearing: docs, notebooks and checks use them)::
+
+    from atq import QuantConfig, quantize, perplexity, save_quantized, load_quantized, quantize_model
+"""
+
+__version__ = "0.1.0"
+
+from .config import QuantConfig
+from .evaluate import evaluate, perplexity
+from .io import ArtifactError, load_quantized, save_quantized
+from .layers import PackedTernaryLinear, TernaryLinear
+from .models import load_model, smollm2
+from .pipeline import quantize, quantize_model
+from .quantizers import ternarize
+from .ternary import TernaryTensor
+
+__all__ = [
+    "ArtifactError",
+    "PackedTernaryLinear",
+    "QuantConfig",
+    "TernaryLinear",
+    "TernaryTensor",
+    "evaluate",
+    "load_model",
+    "load_quantized",
+    "perplexity",
+    "quantize",
+    "quantize_model",
+    "save_quantized",
+    "smollm2",
+    "ternarize",
+]

@@ -1,0 +1,48 @@
+"""Size measurements shared by the pipeline, the CLI and benchmarks/.
+
+Sizes count what an artifact stores: 2-bit codes (rows padded to whole bytes) plus fp16 scales for ternary
+layers, and every other parameter at its floating-point width. ``bits_per_weight`` includes the scales.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.nn as nn
+
+from .layers import PackedTernaryLinear
+
+
+def model_stats(model: nn.Module) -> dict[str, float | int]:
+    ternary_weights = ternary_bytes = zero_codes = ternary_layers = 0
+    fp_params = 0
+    for module in model.modules():
+        if isinstance(module, PackedTernaryLinear):
+            ternary_layers += 1
+            ternary_weights += module.in_features * module.out_features
+            ternary_bytes += module.packed.numel() + module.scales.numel() * module.scales.element_size()
+            zero_codes += int((module.ternary().codes == 0).sum())
+            fp_params += module.bias.numel() if module.bias is not None else 0
+    fp_params += sum(p.numel() for p in model.parameters())  # unique parameters: tied weights count once
+    original = ternary_weights + fp_params
+    quantized_fp32 = ternary_bytes + 4 * fp_params
+    quantized_fp16 = ternary_bytes + 2 * fp_params
+    return {
+        "ternary_layers": ternary_layers,
+        "ternary_weights": ternary_weights,
+        "fp_params": fp_params,
+        "packed_bytes": ternary_bytes,
+        "fp_bytes_fp16": 2 * fp_params,
+        "fp_bytes_fp32": 4 * fp_params,
+        "original_bytes_fp32": 4 * original,
+        "original_bytes_fp16": 2 * original,
+        "compression_ratio": 4 * original / quantized_fp32 if quantized_fp32 else 1.0,
+        "compression_ratio_fp16": 2 * original / quantized_fp16 if quantized_fp16 else 1.0,
+        "bits_per_weight": 8 * ternary_bytes / ternary_weights if ternary_weights else 0.0,
+        "sparsity": zero_codes / ternary_weights if ternary_weights else 0.0,
+    }
+
+
+def directory_bytes(path: str | os.PathLike) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -1,0 +1,149 @@
+"""``atq quantize | eval``: a thin layer over the Python API (every option maps to a QuantConfig field or an
+argument of ``evaluate``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .bench import directory_bytes, model_stats
+from .config import GRANULARITIES, MODES, QuantConfig
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="wikitext2", help="evaluation text: wikitext2 or a file path")
+    parser.add_argument("--seq-len", type=int, default=2048, help="evaluation window length (tokens)")
+    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atq", description="Adaptive ternary quantization of causal LMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    q = commands.add_parser("quantize", help="ternarise a model and save a packed artifact")
+    q.add_argument("--model", default="smollm2", help="hub id, local dir, .gguf file, or smollm2 (default)")
+    q.add_argument("--preset", choices=["seed"], default=None, help="seed: the seed project's recipe")
+    defaults = QuantConfig()
+    q.add_argument("--mode", choices=MODES, default=defaults.mode)
+    q.add_argument("--sparsity", type=float, default=defaults.sparsity)
+    q.add_argument("--threshold", type=float, default=None, help="absolute cutoff (magnitude mode)")
+    q.add_argument("--alpha", type=float, default=defaults.alpha, help="cutoff = alpha*std(W) (magnitude mode)")
+    q.add_argument("--granularity", choices=GRANULARITIES, default=defaults.granularity)
+    q.add_argument("--group-size", type=int, default=defaults.group_size)
+    q.add_argument("--include", nargs="*", default=[], help="regexes of layer names to ternarise")
+    q.add_argument("--exclude", nargs="*", default=[], help="regexes of layer names to keep FP")
+    q.add_argument("--out", default=None, help="artifact directory (default out/<model>-atq)")
+    q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the FP parts and activations")
+    q.add_argument("--eval", action="store_true", help="perplexity before and after")
+    _add_eval_options(q)
+
+    e = commands.add_parser("eval", help="perplexity and token accuracy of a model or artifact")
+    e.add_argument("--model", required=True, help="artifact dir, hub id, local dir, .gguf, or smollm2")
+    e.add_argument("--dtype", choices=DTYPES, default="float32")
+    e.add_argument("--json", default=None, help="also write the result to this JSON file")
+    _add_eval_options(e)
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> QuantConfig:
+    if args.preset == "seed":
+        return QuantConfig.seed()
+    return QuantConfig(
+        mode=args.mode, sparsity=args.sparsity, threshold=args.threshold, alpha=args.alpha,
+        granularity=args.granularity, group_size=args.group_size,
+        include=tuple(args.include), exclude=tuple(args.exclude),
+    )
+
+
+def _eval(model, tokenizer, args: argparse.Namespace) -> dict:
+    from .evaluate import evaluate
+
+    return evaluate(model, tokenizer, args.data, seq_len=args.seq_len, max_windows=args.max_windows,
+                    batch_size=args.batch_size, quiet=args.quiet)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["| what | value |", "| --- | --- |"] + [f"| {k:<{width}} | {v} |" for k, v in rows])
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .data import load_text
+    from .io import save_quantized
+    from .models import load_model
+    from .pipeline import quantize
+
+    config = _config_from_args(args)  # validate before any slow work
+    if args.eval:
+        load_text(args.data)  # fail on missing data before spending minutes on the model
+    out = Path(args.out or f"out/{Path(args.model).stem}-atq")
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
+    before = _eval(model, tokenizer, args) if args.eval else None
+    start = time.perf_counter()
+    report = quantize(model, config, quiet=args.quiet)
+    seconds = time.perf_counter() - start
+    after = _eval(model, tokenizer, args) if args.eval else None
+    save_quantized(model, out, tokenizer=tokenizer)
+    stats = model_stats(model)
+    ternary = [r for r in report if r["precision"] == "ternary"]
+    rows = [
+        ("model", args.model), ("config", json.dumps({k: v for k, v in config.to_dict().items() if v not in ((), [], {})})),
+        ("ternary layers", f"{stats['ternary_layers']} of {len(report)} linear"),
+        ("bits per weight (ternary, with scales)", f"{stats['bits_per_weight']:.3f}"),
+        ("sparsity", f"{stats['sparsity']:.3f}"),
+        ("mean relative error ||W-Ŵ||/||W||", f"{sum(r['rel_error'] for r in ternary) / len(ternary):.4f}"),
+        ("compression vs FP32 / FP16", f"{stats['compression_ratio']:.2f}x / {stats['compression_ratio_fp16']:.2f}x"),
+        ("artifact", f"{out} ({directory_bytes(out) / 2**20:.1f} MiB)"),
+        ("quantize time", f"{seconds:.1f} s"),
+    ]
+    if before and after:
+        rows += [
+            (f"perplexity FP ({args.data}, {before['windows']}x{args.seq_len})", f"{before['ppl']:.2f}"),
+            ("perplexity ternary", f"{after['ppl']:.2f}"),
+            ("token accuracy FP / ternary", f"{before['token_accuracy']:.4f} / {after['token_accuracy']:.4f}"),
+        ]
+    print(_table(rows))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
+    result = _eval(model, tokenizer, args)
+    print(_table([("model", args.model), ("data", str(args.data)), ("windows", f"{result['windows']}x{args.seq_len}"),
+                  ("perplexity", f"{result['ppl']:.3f}"), ("token accuracy", f"{result['token_accuracy']:.4f}")]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result | {"model": args.model, "data": str(args.data)}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
+        print(f"atq {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

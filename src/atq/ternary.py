@@ -1,0 +1,66 @@
+"""TernaryTensor: the one representation of a ternary weight (DESIGN rule 2).
+
+Every granularity is stored the same way, as groups along the input dimension: a per-tensor scale is one group
+spanning a whole (flattened) tensor, a per-row scale is one group per row, and group scales split each row into
+``ceil(in_features / group_size)`` groups whose last one may be shorter. A single layout keeps dequantize,
+packing, kernels and export free of per-granularity branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TernaryTensor:
+    """codes: int8 (out, in) in {-1, 0, 1}; scales: float (1 or out, n_groups); group_size along the input dim.
+
+    ``scales.shape[0] == 1`` means one scale row shared by all output rows (per-tensor scale).
+    ``thresholds`` (same shape as scales) record the cutoff that produced the codes, for reports only.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+    thresholds: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.codes.dim() != 2:
+            raise ValueError(f"TernaryTensor codes must be 2-D (out, in), got shape {tuple(self.codes.shape)}")
+        if self.codes.dtype != torch.int8:
+            raise ValueError(f"TernaryTensor codes must be int8, got {self.codes.dtype}")
+        out_features, in_features = self.codes.shape
+        expected_groups = -(-in_features // self.group_size)
+        if self.scales.dim() != 2 or self.scales.shape[0] not in (1, out_features) or (
+            self.scales.shape[1] != expected_groups
+        ):
+            raise ValueError(
+                f"TernaryTensor scales shape {tuple(self.scales.shape)} does not fit codes {tuple(self.codes.shape)}"
+                f" with group_size {self.group_size} (expected (1 or {out_features}, {expected_groups}))"
+            )
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[1]
+
+    def expanded_scales(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Scales broadcast to (1 or out, in): each input column gets its group's scale."""
+        scales = self.scales if dtype is None else self.scales.to(dtype)
+        return expand_group_scales(scales, self.group_size, self.codes.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.codes.to(dtype) * self.expanded_scales(dtype)
+
+    def sparsity(self) -> float:
+        return float((self.codes == 0).float().mean())
+
+
+def expand_group_scales(scales: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """Repeat each group's scale over its columns and cut the padding of a short last group."""
+    return scales.repeat_interleave(group_size, dim=1)[:, :in_features]

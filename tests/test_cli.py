@@ -1,0 +1,42 @@
+import json
+
+from atq.cli import main
+from atq.io import ARTIFACT_CONFIG
+
+
+def test_quantize_with_eval_then_eval_the_artifact(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "artifact"
+    code = main(["quantize", "--model", str(tiny_model_dir), "--mode", "sparsity", "--sparsity", "0.5",
+                 "--group-size", "32", "--out", str(out), "--eval", "--data", str(text_file), "--seq-len", "16",
+                 "--device", "cpu", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "perplexity ternary" in printed and "bits per weight" in printed
+    meta = json.loads((out / ARTIFACT_CONFIG).read_text())
+    assert meta["quant_config"]["group_size"] == 32 and meta["quant_config"]["sparsity"] == 0.5
+
+    result_file = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(out), "--data", str(text_file), "--seq-len", "16", "--device", "cpu",
+                 "--quiet", "--json", str(result_file)])
+    assert code == 0
+    result = json.loads(result_file.read_text())
+    assert result["ppl"] > 1 and result["windows"] >= 1
+    assert f"{result['ppl']:.3f}" in capsys.readouterr().out
+
+
+def test_seed_preset(tiny_model_dir, tmp_path):
+    out = tmp_path / "seed"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--preset", "seed", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / ARTIFACT_CONFIG).read_text())["quant_config"]["granularity"] == "tensor"
+
+
+def test_bad_input_fails_cleanly_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--sparsity", "1.5", "--out", str(out)]) == 2
+    assert "QuantConfig.sparsity" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(tiny_model_dir), "--eval", "--data", "no-such-data",
+                 "--out", str(out)]) == 2
+    assert "cannot resolve data source" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(tiny_model_dir), "--exclude", ".", "--out", str(out)]) == 2
+    assert "no linear layer left" in capsys.readouterr().err
+    assert not out.exists()

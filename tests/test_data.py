@@ -1,0 +1,53 @@
+import sys
+
+import pytest
+import torch
+
+from atq.data import DataError, load_text, token_windows
+
+
+def test_named_source_from_data_dir(tmp_path, monkeypatch):
+    (tmp_path / "wikitext2_test.txt").write_text("hello test")
+    (tmp_path / "wikitext2_valid_tokenized.txt").write_text("hello valid")
+    monkeypatch.setenv("ATQ_DATA_DIR", str(tmp_path))
+    assert load_text("wikitext2") == "hello test"
+    assert load_text("wikitext2_valid") == "hello valid"
+
+
+def test_data_dir_without_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATQ_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match="wikitext2_test.txt does not exist"):
+        load_text("wikitext2")
+
+
+def test_no_data_dir_and_no_datasets_says_how_to_fix(monkeypatch):
+    monkeypatch.delenv("ATQ_DATA_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match="set ATQ_DATA_DIR"):
+        load_text("wikitext2")
+
+
+def test_path_and_bad_sources(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("some text")
+    assert load_text(path) == "some text"
+    with pytest.raises(DataError, match="cannot resolve data source"):
+        load_text("wikitext3")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(DataError, match="empty"):
+        load_text(tmp_path / "empty.txt")
+
+
+def test_windows_are_consecutive_and_the_tail_is_dropped(char_tokenizer):
+    text = "abcdefghij" * 5  # 50 tokens
+    windows = token_windows(char_tokenizer, text, seq_len=16)
+    assert windows.shape == (3, 16)
+    assert torch.equal(windows.reshape(-1), torch.tensor(list(text.encode()))[:48])
+    assert token_windows(char_tokenizer, text, 16, max_windows=2).shape == (2, 16)
+
+
+def test_text_shorter_than_one_window(char_tokenizer):
+    with pytest.raises(DataError, match="10 tokens, fewer than one window of 16"):
+        token_windows(char_tokenizer, "abcdefghij", seq_len=16)
+    with pytest.raises(DataError, match="max_windows"):
+        token_windows(char_tokenizer, "abcdefghij" * 4, seq_len=16, max_windows=0)

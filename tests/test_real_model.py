@@ -1,0 +1,52 @@
+"""The bundled real model, SmolLM2-135M-Instruct (fetched once into $ATQ_CACHE by atq.smollm2())."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from atq import QuantConfig, load_model, load_quantized, perplexity, quantize, save_quantized
+
+pytestmark = pytest.mark.real_model
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Recorded from an independent computation: plain transformers (AutoModelForCausalLM.from_pretrained with
+# gguf_file), tokenizer on the whole test text, 4 windows of 512 tokens, exp(mean of model(w, labels=w).loss).
+REFERENCE_PPL_4x512 = 30.962334335747972
+
+
+@pytest.fixture(scope="module")
+def smollm2_model():
+    return load_model("smollm2")
+
+
+@pytest.fixture
+def data_dir(monkeypatch):
+    data_dir = os.environ.get("ATQ_DATA_DIR") or str(DATA_DIR)
+    if not (Path(data_dir) / "wikitext2_test.txt").is_file():
+        pytest.skip(f"WikiText-2 test text not found in {data_dir}; set ATQ_DATA_DIR")
+    monkeypatch.setenv("ATQ_DATA_DIR", data_dir)
+
+
+def test_fp_perplexity_matches_the_independent_reference(smollm2_model, data_dir):
+    model, tokenizer = smollm2_model
+    assert model.config.hidden_size == 576
+    ppl = perplexity(model, tokenizer, "wikitext2", seq_len=512, max_windows=4, quiet=True)
+    assert ppl == pytest.approx(REFERENCE_PPL_4x512, rel=1e-4)
+
+
+def test_quantize_save_load_gives_identical_logits(smollm2_model, tmp_path):
+    model, tokenizer = smollm2_model
+    model = __import__("copy").deepcopy(model)
+    report = quantize(model, QuantConfig(granularity="group", group_size=128), quiet=True)
+    ternary = [r for r in report if r["precision"] == "ternary"]
+    assert len(ternary) == 30 * 7
+    assert ternary[0]["shape"] == [576, 576] and ternary[0]["group_size"] == 128  # 4 full groups + one of 64
+    assert model.model.layers[0].self_attn.q_proj.scales.shape == (576, 5)
+    save_quantized(model, tmp_path / "smollm2-atq", tokenizer=tokenizer)
+    loaded = load_quantized(tmp_path / "smollm2-atq")
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
