@@ -33,6 +33,17 @@ METHODS: list[tuple[str, QuantConfig]] = [
     ("row, mse", QuantConfig(mode="mse", granularity="row")),
     ("group 64, mse", QuantConfig(mode="mse", granularity="group", group_size=64)),
 ]
+CALIBRATED = QuantConfig(calibration="wikitext2_valid", granularity="group", group_size=64)
+METHODS += [
+    ("group 64, calibrated, no compensation", CALIBRATED.replace(compensation=False)),
+    ("group 64, calibrated + compensation", CALIBRATED),
+    ("group 64, calibrated + compensation + block reconstruction", CALIBRATED.replace(reconstruct_steps=96)),
+    ("group 64, 2 planes, calibrated + compensation", CALIBRATED.replace(planes=2)),
+    ("group 128, 2 planes base-3, calibrated + compensation + block reconstruction",
+     CALIBRATED.replace(planes=2, packing="base3", group_size=128, reconstruct_steps=256)),
+    ("group 64, calibrated + compensation + block reconstruction, 20% layers FP",
+     CALIBRATED.replace(reconstruct_steps=96, fp_fraction=0.2)),
+]
 
 
 def _sync(device: str) -> None:
@@ -48,6 +59,11 @@ def main() -> int:
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="results/ptq_smollm2.json")
+    parser.add_argument("--calibration-windows", type=int, default=None, help="override calibration windows")
+    parser.add_argument("--only", default=None, help="run only methods whose name contains this text")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of methods not run now from an existing --out file (the whole table "
+                             "takes longer than one 10-minute device call)")
     args = parser.parse_args()
 
     fp_model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
@@ -59,15 +75,23 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_file(unique_state_dict(fp_model)[0], f"{tmp}/model.safetensors")
         fp_bytes = directory_bytes(tmp)
+    report = {"model": args.model if args.model != "smollm2" else "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
+              "device": device_name, "seq_len": args.seq_len, "windows": int(windows.shape[0]),
+              "fp_ppl": fp_result["ppl"]}
+    previous = json.loads(Path(args.out).read_text())["rows"] if args.merge and Path(args.out).exists() else []
     rows = [{"method": "FP32", "config": {"dtype": "float32"}, "ppl": fp_result["ppl"], "bits_per_weight": 32.0,
              "artifact_bytes": fp_bytes, "quant_seconds": 0.0, "token_accuracy": fp_result["token_accuracy"]}]
     print(f"FP32: ppl {fp_result['ppl']:.3f}", file=sys.stderr)
 
     for method, config in METHODS:
+        if args.only and args.only not in method:
+            continue
+        if args.calibration_windows and config.calibration:
+            config = config.replace(calibration_windows=args.calibration_windows)
         model = copy.deepcopy(fp_model).to(args.device)
         _sync(args.device)
         start = time.perf_counter()
-        quantize(model, config, quiet=True)
+        quantize(model, config, tokenizer=tokenizer, quiet=True)
         _sync(args.device)
         seconds = time.perf_counter() - start
         result = evaluate_windows(model, windows, quiet=True)
@@ -75,33 +99,45 @@ def main() -> int:
             artifact_bytes = directory_bytes(save_quantized(model, Path(tmp) / "artifact"))
         stats = model_stats(model)
         rows.append({
-            "method": method, "config": config.to_dict() | {"calibration": None, "planes": 1},
+            "method": method, "config": config.to_dict(),
             "ppl": result["ppl"], "bits_per_weight": stats["bits_per_weight"], "artifact_bytes": artifact_bytes,
             "quant_seconds": seconds, "token_accuracy": result["token_accuracy"], "sparsity": stats["sparsity"],
+            "bits_per_linear_weight": stats["bits_per_linear_weight"],
         })
         print(f"{method}: ppl {result['ppl']:.4g} ({seconds:.1f} s)", file=sys.stderr)
         del model
-
-    report = {"model": args.model if args.model != "smollm2" else "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
-              "device": device_name, "seq_len": args.seq_len, "windows": int(windows.shape[0]),
-              "fp_ppl": fp_result["ppl"], "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown_table(report))
+        write(report | {"rows": merged(rows, previous)}, args.out)  # a run cut short keeps what it measured
+    print(markdown_table(report | {"rows": merged(rows, previous)}))
     return 0
+
+
+def merged(rows: list[dict], previous: list[dict]) -> list[dict]:
+    """Rows measured now, plus earlier rows of the other methods, in the order of METHODS."""
+    by_method = {row["method"]: row for row in previous} | {row["method"]: row for row in rows}
+    order = ["FP32"] + [method for method, _ in METHODS]
+    return [by_method[m] for m in order if m in by_method]
+
+
+def write(report: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def markdown_table(report: dict) -> str:
     lines = [
-        f"SmolLM2-135M-Instruct, WikiText-2 test, {report['windows']} windows x {report['seq_len']} tokens, "
-        f"{report['device']}",
+        (f"SmolLM2-135M-Instruct, WikiText-2 test, {report['windows']} windows x {report['seq_len']} tokens, "
+         f"{report['device']}"),
         "",
-        "| method | perplexity | bits/weight (ternary layers, with scales) | artifact MiB | quantize s |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        ("| method | perplexity | bits/weight (ternary layers, with scales) | bits/weight (all decoder linears) "
+         "| artifact MiB | quantize s |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report["rows"]:
-        lines.append(f"| {row['method']} | {row['ppl']:,.2f} | {row['bits_per_weight']:.2f} | "
-                     f"{row['artifact_bytes'] / 2**20:.1f} | {row['quant_seconds']:.2f} |")
+        linear_bits = row.get("bits_per_linear_weight", row["bits_per_weight"])
+        lines.append(f"| {row['method']} | {row['ppl']:,.2f} | {row['bits_per_weight']:.2f} | {linear_bits:.2f} | "
+                     f"{row['artifact_bytes'] / 2**20:.1f} | {row['quant_seconds']:.1f} |")
     return "\n".join(lines)
 
 

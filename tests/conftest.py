@@ -66,7 +66,7 @@ def make_word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = "the quick brown fox jumps over lazy dog . a an of and to in".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", ".", "a", "an", "of", "and", "to", "in"]
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

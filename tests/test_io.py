@@ -16,10 +16,18 @@ def logits(model, seed=0):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("make", [make_llama, make_gpt2, lambda: make_llama(tie=False)])
-def test_round_trip_gives_bit_identical_logits(tmp_path, make):
+@pytest.mark.parametrize(
+    ("make", "config"),
+    [
+        (make_llama, QuantConfig(group_size=32)),
+        (make_gpt2, QuantConfig(group_size=32)),
+        (lambda: make_llama(tie=False), QuantConfig(granularity="row")),
+        (make_llama, QuantConfig(planes=2, packing="base3", group_size=32)),
+    ],
+)
+def test_round_trip_gives_bit_identical_logits(tmp_path, make, config):
     model = make()
-    quantize(model, QuantConfig(group_size=32), quiet=True)
+    quantize(model, config, quiet=True)
     save_quantized(model, tmp_path / "artifact")
     loaded = load_quantized(tmp_path / "artifact")
     assert torch.equal(logits(model), logits(loaded))

@@ -60,3 +60,28 @@ def test_corruption_is_detected():
     bad[0, 1] = 0b10_10_01_01  # a non-zero trit in the padding of a 6-trit row
     with pytest.raises(ValueError, match="padding"):
         check_packed(bad, 6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(code_tensors())
+def test_base3_round_trip_any_shape_and_dtype(codes):
+    from atq.packing import pack, packed_bytes, unpack
+
+    packed = pack(codes, "base3")
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == packed_bytes(codes.shape[-1], "base3")
+    assert torch.equal(unpack(packed, codes.shape[-1], "base3").long(), codes.long())
+    check_packed(packed, codes.shape[-1], layout="base3")
+
+
+def test_base3_layout_and_density():
+    from atq.packing import pack
+
+    # digits (code + 1) in base 3, element 0 least significant: [-1, 0, 1, 1, 0] -> 0 + 1*3 + 2*9 + 2*27 + 1*81
+    assert pack(torch.tensor([-1, 0, 1, 1, 0]), "base3").tolist() == [156]
+    assert pack(torch.zeros(3, 576, dtype=torch.int8), "base3").shape == (3, 116)  # 1.61 bits a trit
+    bad = pack(torch.zeros(1, 7, dtype=torch.int8), "base3")
+    bad[0, 0] = 250
+    with pytest.raises(ValueError, match="above 242"):
+        check_packed(bad, 7, layout="base3")
+    with pytest.raises(ValueError, match="unknown packing layout"):
+        pack(torch.zeros(4, dtype=torch.int8), "base4")

@@ -46,8 +46,3 @@ def test_quantize_model_from_a_local_directory(tiny_model_dir):
     assert result["stats"]["sparsity"] == pytest.approx(0.3, abs=0.02)
     assert result["stats"]["compression_ratio"] > 1 and len(result["report"]) == 15
     assert result["tokenizer"]("the fox").input_ids
-
-
-def test_quantize_model_refuses_calibration_for_now():
-    with pytest.raises(NotImplementedError):
-        quantize_model("anything", use_calibration=True)

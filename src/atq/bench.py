@@ -9,20 +9,29 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch.nn as nn
+from torch import nn
 
 from .layers import PackedTernaryLinear
+from .surgery import is_linear
 
 
 def model_stats(model: nn.Module) -> dict[str, float | int]:
+    """Sizes of a quantized model. ``bits_per_weight`` covers the ternary layers (codes + scales);
+    ``bits_per_linear_weight`` covers every linear layer except the LM head, FP ones counted at 16 bits,
+    the honest figure for mixed precision."""
     ternary_weights = ternary_bytes = zero_codes = ternary_layers = 0
     fp_params = 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    fp_linear_weights = sum(
+        m.weight.numel() for m in model.modules() if is_linear(m) and m is not head and m.weight is not getattr(
+            head, "weight", None)
+    )
     for module in model.modules():
         if isinstance(module, PackedTernaryLinear):
             ternary_layers += 1
             ternary_weights += module.in_features * module.out_features
             ternary_bytes += module.packed.numel() + module.scales.numel() * module.scales.element_size()
-            zero_codes += int((module.ternary().codes == 0).sum())
+            zero_codes += round(module.ternary().sparsity() * module.in_features * module.out_features)
             fp_params += module.bias.numel() if module.bias is not None else 0
     fp_params += sum(p.numel() for p in model.parameters())  # unique parameters: tied weights count once
     original = ternary_weights + fp_params
@@ -40,6 +49,9 @@ def model_stats(model: nn.Module) -> dict[str, float | int]:
         "compression_ratio": 4 * original / quantized_fp32 if quantized_fp32 else 1.0,
         "compression_ratio_fp16": 2 * original / quantized_fp16 if quantized_fp16 else 1.0,
         "bits_per_weight": 8 * ternary_bytes / ternary_weights if ternary_weights else 0.0,
+        "fp_linear_weights": fp_linear_weights,
+        "bits_per_linear_weight": (8 * ternary_bytes + 16 * fp_linear_weights) / (ternary_weights + fp_linear_weights)
+        if ternary_weights + fp_linear_weights else 0.0,
         "sparsity": zero_codes / ternary_weights if ternary_weights else 0.0,
     }
 

@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=defaults.group_size)
     q.add_argument("--include", nargs="*", default=[], help="regexes of layer names to ternarise")
     q.add_argument("--exclude", nargs="*", default=[], help="regexes of layer names to keep FP")
+    q.add_argument("--planes", type=int, default=defaults.planes, help="trit-planes per weight")
+    q.add_argument("--packing", choices=["2bit", "base3"], default=defaults.packing)
+    q.add_argument("--calibration", default=None,
+                   help="calibrate on wikitext2_valid, a text file, or generated (data-free); default: none")
+    q.add_argument("--calibration-windows", type=int, default=defaults.calibration_windows)
+    q.add_argument("--calibration-seq-len", type=int, default=defaults.calibration_seq_len)
+    q.add_argument("--no-compensation", action="store_true", help="calibrate without GPTQ error compensation")
+    q.add_argument("--reconstruct-steps", type=int, default=defaults.reconstruct_steps,
+                   help="block-wise reconstruction steps per decoder block (0: off)")
+    q.add_argument("--fp-fraction", type=float, default=defaults.fp_fraction,
+                   help="fraction of layers kept FP, the most sensitive (needs --calibration)")
+    q.add_argument("--sensitivity", choices=["gradient", "measured"], default=defaults.sensitivity)
     q.add_argument("--out", default=None, help="artifact directory (default out/<model>-atq)")
     q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the FP parts and activations")
     q.add_argument("--eval", action="store_true", help="perplexity before and after")
@@ -68,7 +80,10 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
     return QuantConfig(
         mode=args.mode, sparsity=args.sparsity, threshold=args.threshold, alpha=args.alpha,
         granularity=args.granularity, group_size=args.group_size,
-        include=tuple(args.include), exclude=tuple(args.exclude),
+        include=tuple(args.include), exclude=tuple(args.exclude), planes=args.planes, packing=args.packing,
+        calibration=args.calibration, calibration_windows=args.calibration_windows,
+        calibration_seq_len=args.calibration_seq_len, compensation=not args.no_compensation,
+        reconstruct_steps=args.reconstruct_steps, fp_fraction=args.fp_fraction, sensitivity=args.sensitivity,
     )
 
 
@@ -91,13 +106,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .pipeline import quantize
 
     config = _config_from_args(args)  # validate before any slow work
-    if args.eval:
-        load_text(args.data)  # fail on missing data before spending minutes on the model
+    for source in ([args.data] if args.eval else []) + [config.calibration]:
+        if source not in (None, "generated"):
+            load_text(source)  # fail on missing data before spending minutes on the model
     out = Path(args.out or f"out/{Path(args.model).stem}-atq")
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
     before = _eval(model, tokenizer, args) if args.eval else None
     start = time.perf_counter()
-    report = quantize(model, config, quiet=args.quiet)
+    report = quantize(model, config, tokenizer=tokenizer, quiet=args.quiet)
     seconds = time.perf_counter() - start
     after = _eval(model, tokenizer, args) if args.eval else None
     save_quantized(model, out, tokenizer=tokenizer)
@@ -107,6 +123,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ("model", args.model), ("config", json.dumps({k: v for k, v in config.to_dict().items() if v not in ((), [], {})})),
         ("ternary layers", f"{stats['ternary_layers']} of {len(report)} linear"),
         ("bits per weight (ternary, with scales)", f"{stats['bits_per_weight']:.3f}"),
+        ("bits per weight (all decoder linears, FP at 16)", f"{stats['bits_per_linear_weight']:.3f}"),
         ("sparsity", f"{stats['sparsity']:.3f}"),
         ("mean relative error ||W-Ŵ||/||W||", f"{sum(r['rel_error'] for r in ternary) / len(ternary):.4f}"),
         ("compression vs FP32 / FP16", f"{stats['compression_ratio']:.2f}x / {stats['compression_ratio_fp16']:.2f}x"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MODES = ("sparsity", "magnitude", "mse")
@@ -27,6 +27,21 @@ class QuantConfig:
     granularity: one scale per ``tensor``, per output ``row``, or per ``group`` of ``group_size`` inputs.
     include / exclude: regular expressions matched (``re.search``) against module names; the output
         embedding (LM head) is never ternarised unless ``quantize_head`` is set.
+    planes: trit-planes per weight, W ≈ Σ_k α_k·T_k (PTQTP); each plane costs its codes plus its scales.
+    packing: ``2bit`` (4 trits a byte, fast to unpack) or ``base3`` (5 trits a byte, 1.6 bits a trit).
+
+    Calibration (used when ``quantize`` gets calibration windows, or ``calibration`` names a source):
+    calibration: ``wikitext2_valid``, a text file, or ``generated`` (text sampled from the FP model);
+    calibration_windows x calibration_seq_len tokens; ``compensation`` pushes each column's error onto the
+    columns not yet quantized through the inverse Hessian (GPTQ) with ``damp`` (fraction of the mean diagonal),
+    lazy updates every ``block_size`` columns; ``reconstruct_steps`` > 0 then tunes
+    every decoder block's scales against the FP block's output (block-wise reconstruction) at ``reconstruct_lr``;
+    ``reconstruct_target`` ``fp``: the FP model's own activations (a block also learns to undo the drift of
+    the blocks before it), ``block``: the FP block applied to the quantized inputs.
+
+    Mixed precision: ``fp_fraction`` of the selected layers, the most sensitive by the ``sensitivity`` score
+    (``gradient``: E[|g ⊙ ΔW|]; ``measured``: loss increase with that layer alone ternarised), stay FP.
+    Scoring needs calibration windows.
     """
 
     mode: str = "mse"
@@ -38,7 +53,19 @@ class QuantConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     quantize_head: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    planes: int = 1
+    packing: str = "2bit"
+    calibration: str | None = None
+    calibration_windows: int = 128
+    calibration_seq_len: int = 2048
+    compensation: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    reconstruct_steps: int = 0
+    reconstruct_lr: float = 1e-3
+    reconstruct_target: str = "fp"
+    fp_fraction: float = 0.0
+    sensitivity: str = "gradient"
 
     def __post_init__(self) -> None:
         # Lists from JSON or the CLI become tuples so the config stays hashable and immutable.
@@ -56,6 +83,25 @@ class QuantConfig:
             isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size >= 1,
             "group_size", "an integer >= 1", self.group_size,
         )
+
+        for name, low in (("planes", 1), ("calibration_windows", 1), ("calibration_seq_len", 2), ("block_size", 1),
+                          ("reconstruct_steps", 0)):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, name,
+                   f"an integer >= {low}", value)
+        _check(_is_real(self.fp_fraction) and 0.0 <= self.fp_fraction < 1.0, "fp_fraction", "[0, 1)",
+               self.fp_fraction)
+        _check(self.sensitivity in ("gradient", "measured"), "sensitivity", "one of ('gradient', 'measured')",
+               self.sensitivity)
+        _check(self.reconstruct_target in ("fp", "block"), "reconstruct_target", "one of ('fp', 'block')",
+               self.reconstruct_target)
+        _check(self.packing in ("2bit", "base3"), "packing", "one of ('2bit', 'base3')", self.packing)
+        _check(self.planes <= 4, "planes", "an integer in [1, 4]", self.planes)
+        _check(_is_real(self.damp) and self.damp > 0, "damp", "a finite number > 0", self.damp)
+        _check(_is_real(self.reconstruct_lr) and self.reconstruct_lr > 0, "reconstruct_lr", "a finite number > 0",
+               self.reconstruct_lr)
+        _check(self.calibration is None or (isinstance(self.calibration, str) and self.calibration != ""),
+               "calibration", "None, 'wikitext2_valid', 'generated' or a text file path", self.calibration)
 
     @classmethod
     def seed(cls) -> QuantConfig:

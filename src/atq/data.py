@@ -82,3 +82,35 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = 
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     return ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+
+
+@torch.no_grad()
+def generated_windows(
+    model, tokenizer, n_windows: int, seq_len: int, batch_size: int = 32, seed: int = 0, quiet: bool = False
+) -> torch.Tensor:
+    """Data-free calibration text: windows sampled from the model itself (LLM-QAT).
+
+    Each sequence starts from a random token drawn from the model's own next-token distribution after BOS (or
+    uniformly when the tokenizer has no BOS) and is sampled at temperature 1 with the KV cache.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    windows = []
+    for start in tqdm(range(0, n_windows, batch_size), desc="generate", disable=quiet, unit="batch"):
+        count = min(batch_size, n_windows - start)
+        if bos is not None:
+            probs = torch.softmax(model(torch.full((1, 1), bos, device=device)).logits[0, -1].float(), -1).cpu()
+            first = torch.multinomial(probs, count, replacement=True, generator=generator)
+        else:
+            first = torch.randint(vocab, (count,), generator=generator)
+        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        tokens = model.generate(
+            first.unsqueeze(1).to(device), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=0,
+        )
+        windows.append(tokens[:, :seq_len].cpu())
+    return torch.cat(windows)

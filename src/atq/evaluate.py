@@ -10,8 +10,8 @@ import math
 import os
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from .data import load_text, token_windows

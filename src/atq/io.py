@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .config import QuantConfig
 from .layers import PackedTernaryLinear
@@ -67,7 +67,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: An
     layers = {
         name: {
             "precision": "ternary", "in_features": m.in_features, "out_features": m.out_features,
-            "group_size": m.group_size, "scale_rows": m.scales.shape[0], "bias": m.bias is not None,
+            "group_size": m.group_size, "scale_rows": m.scales.shape[-2], "planes": m.planes,
+            "layout": m.layout, "bias": m.bias is not None,
         }
         for name, m in model.named_modules() if isinstance(m, PackedTernaryLinear)
     }
@@ -184,7 +185,8 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device | No
         if layer["precision"] == "ternary":
             set_module(model, name, PackedTernaryLinear(
                 layer["in_features"], layer["out_features"], layer["group_size"], layer["scale_rows"],
-                bias=layer["bias"], dtype=getattr(torch, meta["dtype"]),
+                bias=layer["bias"], dtype=getattr(torch, meta["dtype"]), planes=layer["planes"],
+                layout=layer["layout"],
             ))
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))
@@ -192,7 +194,8 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device | No
         raise ArtifactError(f"{directory / WEIGHTS_FILE}: unreadable safetensors file ({error})") from error
     for name, layer in meta["layers"].items():
         if layer["precision"] == "ternary":
-            check_packed(tensors[f"{name}.packed"], layer["in_features"], name=f"{WEIGHTS_FILE}:{name}.packed")
+            check_packed(tensors[f"{name}.packed"], layer["in_features"], name=f"{WEIGHTS_FILE}:{name}.packed",
+                         layout=layer["layout"])
     result = model.load_state_dict(tensors, strict=False)
     missing = set(result.missing_keys) - set(meta["tied"])
     if missing or result.unexpected_keys:

@@ -1,6 +1,11 @@
-"""Four trits per byte and back: the one place that knows the bit layout.
+"""Trits to bytes and back: the one place that knows the bit layouts.
 
-Layout: codes run along the last dimension (the input dimension of a weight, so a row's bytes are contiguous for
+Two layouts, both along the last dimension with zero padding (callers keep the true length):
+``2bit``  four trits a byte (2 bits each): cheap to unpack with shifts, what GPU kernels and TQ2_0 want;
+``base3`` five trits a byte as one base-3 number (3^5 = 243 <= 256): 1.6 bits a trit, TQ1_0's density, for
+          storage-bound uses such as several trit-planes.
+
+2bit layout: codes run along the last dimension (the input dimension of a weight, so a row's bytes are contiguous for
 a GEMV kernel); byte ``b`` holds elements ``4b + j`` for ``j = 0..3`` in bits ``2j..2j+1``; each element is
 stored as ``value + 1`` (so -1, 0, +1 -> 0, 1, 2, the convention of llama.cpp's TQ2_0). The last dimension is
 padded with zeros (stored as 1) up to a multiple of 4; callers keep the true length. Code 3 never occurs in a
@@ -15,6 +20,24 @@ TRITS_PER_BYTE = 4
 _SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
 
 
+def _check_codes(codes: torch.Tensor, caller: str) -> None:
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"{caller} expects an integer tensor, got {codes.dtype}")
+    if codes.dim() == 0:
+        raise ValueError(f"{caller} expects at least one dimension")
+    if codes.numel() and (codes.min() < -1 or codes.max() > 1):
+        raise ValueError(f"{caller}: codes must lie in {{-1, 0, 1}}")
+
+
+def _check_buffer(packed: torch.Tensor, n_bytes: int, length: int, caller: str) -> None:
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{caller} expects uint8, got {packed.dtype}")
+    if packed.dim() == 0 or packed.shape[-1] != n_bytes:
+        raise ValueError(
+            f"{caller}: last dimension {tuple(packed.shape)[-1:]} does not hold {length} trits (needs {n_bytes} bytes)"
+        )
+
+
 def packed_length(length: int) -> int:
     """Bytes needed for ``length`` trits."""
     return -(-length // TRITS_PER_BYTE)
@@ -22,12 +45,7 @@ def packed_length(length: int) -> int:
 
 def pack_trits(codes: torch.Tensor) -> torch.Tensor:
     """Pack integer codes in {-1, 0, 1} along the last dimension into uint8, four per byte."""
-    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-        raise TypeError(f"pack_trits expects an integer tensor, got {codes.dtype}")
-    if codes.dim() == 0:
-        raise ValueError("pack_trits expects at least one dimension")
-    if codes.numel() and (codes.min() < -1 or codes.max() > 1):
-        raise ValueError("pack_trits: codes must lie in {-1, 0, 1}")
+    _check_codes(codes, "pack_trits")
     length = codes.shape[-1]
     pad = packed_length(length) * TRITS_PER_BYTE - length
     stored = torch.nn.functional.pad((codes + 1).to(torch.uint8), (0, pad), value=1)
@@ -38,19 +56,71 @@ def pack_trits(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_trits(packed: torch.Tensor, length: int) -> torch.Tensor:
     """Inverse of ``pack_trits``: uint8 (..., ceil(length/4)) -> int8 (..., length) in {-1, 0, 1}."""
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"unpack_trits expects uint8, got {packed.dtype}")
-    if packed.dim() == 0 or packed.shape[-1] != packed_length(length):
-        raise ValueError(
-            f"unpack_trits: last dimension {tuple(packed.shape)[-1:]} does not hold {length} trits "
-            f"(needs {packed_length(length)} bytes)"
-        )
+    _check_buffer(packed, packed_length(length), length, "unpack_trits")
     fields = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 3
     codes = fields.reshape(*packed.shape[:-1], -1)[..., :length]
     return codes.to(torch.int8) - 1
 
 
-def check_packed(packed: torch.Tensor, length: int, name: str = "packed") -> None:
+TRITS_PER_BASE3_BYTE = 5
+_POWERS = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+# byte value -> its five base-3 digits minus one; values 243..255 never occur in a valid buffer
+_BASE3_TABLE = ((torch.arange(256, dtype=torch.int32).unsqueeze(-1) // _POWERS) % 3 - 1).to(torch.int8)
+LAYOUTS = ("2bit", "base3")
+
+
+def packed_length_base3(length: int) -> int:
+    return -(-length // TRITS_PER_BASE3_BYTE)
+
+
+def pack_base3(codes: torch.Tensor) -> torch.Tensor:
+    """Pack codes in {-1, 0, 1} five to a byte: byte = Σ_j (code_j + 1)·3^j for the byte's elements 5b + j."""
+    _check_codes(codes, "pack_base3")
+    length = codes.shape[-1]
+    pad = packed_length_base3(length) * TRITS_PER_BASE3_BYTE - length
+    digits = torch.nn.functional.pad((codes + 1).to(torch.int32), (0, pad), value=1)
+    digits = digits.reshape(*codes.shape[:-1], -1, TRITS_PER_BASE3_BYTE)
+    return (digits * _POWERS.to(codes.device)).sum(-1).to(torch.uint8)
+
+
+def unpack_base3(packed: torch.Tensor, length: int) -> torch.Tensor:
+    _check_buffer(packed, packed_length_base3(length), length, "unpack_base3")
+    codes = _BASE3_TABLE.to(packed.device)[packed.long()]
+    return codes.reshape(*packed.shape[:-1], -1)[..., :length]
+
+
+def pack(codes: torch.Tensor, layout: str = "2bit") -> torch.Tensor:
+    """Pack with the named layout (``2bit`` or ``base3``)."""
+    return {"2bit": pack_trits, "base3": pack_base3}[_layout(layout)](codes)
+
+
+def unpack(packed: torch.Tensor, length: int, layout: str = "2bit") -> torch.Tensor:
+    return {"2bit": unpack_trits, "base3": unpack_base3}[_layout(layout)](packed, length)
+
+
+def packed_bytes(length: int, layout: str = "2bit") -> int:
+    return {"2bit": packed_length, "base3": packed_length_base3}[_layout(layout)](length)
+
+
+def _layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown packing layout {layout!r}; expected one of {LAYOUTS}")
+    return layout
+
+
+def check_packed(packed: torch.Tensor, length: int, name: str = "packed", layout: str = "2bit") -> None:
+    """Raise if a buffer holds values no valid packing produces (signs of corruption)."""
+    if _layout(layout) == "base3":
+        if bool((packed > 242).any()):
+            raise ValueError(f"{name}: byte value above 242 in a base-3 buffer; the buffer is corrupted")
+        padding = unpack_base3(packed, packed.shape[-1] * TRITS_PER_BASE3_BYTE)[..., length:]
+        if padding.numel() and bool(padding.any()):
+            raise ValueError(f"{name}: padding trits are not zero; the buffer is corrupted")
+        return
+    _check_2bit(packed, length, name)
+
+
+def _check_2bit(packed: torch.Tensor, length: int, name: str) -> None:
     """Raise if any 2-bit field holds the unused code 3 or the padding is not zero (signs of corruption)."""
     fields = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 3
     if bool((fields == 3).any()):

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from .bench import model_stats
@@ -18,8 +18,20 @@ from .surgery import all_linear_names, linear_weight, select_linear_layers, set_
 log = logging.getLogger(__name__)
 
 
-def quantize(model: nn.Module, config: QuantConfig | None = None, *, quiet: bool = False) -> list[dict[str, Any]]:
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    calibration: torch.Tensor | str | None = None,
+    *,
+    tokenizer: Any = None,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
     """Replace the selected linear layers of ``model`` by packed ternary layers, in place.
+
+    ``calibration``: token windows (n, seq_len), or a source (``wikitext2_valid``, a text file, ``generated``)
+    that ``tokenizer`` turns into ``config.calibration_windows`` windows; defaults to ``config.calibration``.
+    With calibration, layers are quantized block by block against their input statistics (calibration.py);
+    without, each weight is ternarised on its own (quantizers.py).
 
     Returns one report row per linear layer (ternary ones with threshold, sparsity, scales and relative
     reconstruction error ||W - Ŵ||/||W||, measured on the fp16-scaled weight the model will actually use).
@@ -27,39 +39,92 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, quiet: bool
     """
     config = config or QuantConfig()
     layers = select_linear_layers(model, config)
-    # Validate every weight before touching the model, so a NaN in the last layer leaves it unmodified.
-    weights = {name: linear_weight(module) for name, module in layers.items()}
+    # Validate every weight (and the calibration data) before touching the model: a NaN in the last layer or
+    # a too-short text must leave it unmodified.
+    weights = {name: linear_weight(module).detach().clone() for name, module in layers.items()}
     for name, weight in weights.items():
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}.weight contains NaN/Inf values; ternarisation needs finite weights")
+    windows = calibration_windows(model, config, calibration, tokenizer)
+    scores: dict[str, float] = {}
+    if config.fp_fraction > 0:
+        from .sensitivity import keep_in_fp, sensitivity
 
-    report = []
-    for name in tqdm(layers, desc="ternarise", disable=quiet, unit="layer"):
-        module, weight = layers[name], weights[name]
-        tensor = ternarize(weight, config, name=f"{name}.weight")
-        packed = PackedTernaryLinear.from_ternary(tensor, getattr(module, "bias", None)).to(weight.device)
-        restored = packed.dequantize(torch.float32)
-        reference = weight.detach().float()
-        report.append({
-            "name": name,
-            "precision": "ternary",
-            "shape": list(weight.shape),
-            "group_size": tensor.group_size,
-            "threshold_mean": float(tensor.thresholds.mean()),
-            "sparsity": tensor.sparsity(),
-            "scale_mean": float(packed.scales.float().mean()),
-            "scale_min": float(packed.scales.float().min()),
-            "scale_max": float(packed.scales.float().max()),
-            "rel_error": float((reference - restored).norm() / reference.norm().clamp(min=1e-30)),
-        })
-        set_module(model, name, packed)
-        del module
+        if windows is None:
+            raise ValueError("mixed precision (fp_fraction > 0) scores layers on calibration data: give calibration")
+        scores = sensitivity(model, layers, config, windows[: min(len(windows), 16)], config.sensitivity, quiet)
+        kept = keep_in_fp(scores, config.fp_fraction)
+        layers = {name: module for name, module in layers.items() if name not in kept}
+        if not layers:
+            raise ValueError(f"fp_fraction={config.fp_fraction} keeps every selected layer in floating point")
+
+    if windows is not None:
+        from .calibration import calibrated_quantize
+
+        extras = calibrated_quantize(model, layers, config, windows, quiet=quiet)
+        tensors = {name: model.get_submodule(name) for name in layers}
+    else:
+        extras, tensors = {}, {}
+        for name in tqdm(layers, desc="ternarise", disable=quiet, unit="layer"):
+            module = layers[name]
+            tensor = ternarize(weights[name], config, name=f"{name}.weight")
+            packed = PackedTernaryLinear.from_ternary(tensor, getattr(module, "bias", None), config.packing)
+            set_module(model, name, packed.to(weights[name].device))
+            tensors[name] = packed
+            if tensor.thresholds is not None:
+                extras[name] = {"threshold_mean": float(tensor.thresholds.mean())}
+    report = [_report_row(name, weights[name], tensors[name]) | extras.get(name, {}) for name in layers]
     ternary_names = set(layers)
     report += [{"name": n, "precision": "fp"} for n in all_linear_names(model) if n not in ternary_names]
+    for row in report:
+        if row["name"] in scores:
+            row["sensitivity"] = scores[row["name"]]
     model.atq_config = config
     model.atq_report = report
     log.info("ternarised %d linear layers", len(layers))
     return report
+
+
+def _report_row(name: str, weight: torch.Tensor, packed: PackedTernaryLinear) -> dict[str, Any]:
+    restored = packed.dequantize(torch.float32)
+    reference = weight.float()
+    tensor = packed.ternary()
+    return {
+        "name": name,
+        "precision": "ternary",
+        "shape": list(weight.shape),
+        "group_size": packed.group_size,
+        "planes": packed.planes,
+        "sparsity": tensor.sparsity(),
+        # nearest rounding onto {-α, 0, α} switches at α/2; threshold modes overwrite it with their cutoff
+        "threshold_mean": float(tensor.scales.abs().mean() / 2) if packed.planes == 1 else None,
+        "scale_mean": float(tensor.scales.abs().mean()),
+        "scale_min": float(tensor.scales.abs().min()),
+        "scale_max": float(tensor.scales.abs().max()),
+        "rel_error": float((reference - restored).norm() / reference.norm().clamp(min=1e-30)),
+    }
+
+
+def calibration_windows(
+    model: nn.Module, config: QuantConfig, calibration: torch.Tensor | str | None, tokenizer: Any
+) -> torch.Tensor | None:
+    """Token windows for calibration, or None for data-free weight-only ternarisation."""
+    from .data import DataError, generated_windows, load_text, token_windows
+
+    source = calibration if calibration is not None else config.calibration
+    if source is None:
+        return None
+    if isinstance(source, torch.Tensor):
+        windows = source
+    elif tokenizer is None:
+        raise ValueError(f"calibration source {source!r} needs a tokenizer (quantize(..., tokenizer=tok))")
+    elif source == "generated":
+        windows = generated_windows(model, tokenizer, config.calibration_windows, config.calibration_seq_len)
+    else:
+        windows = token_windows(tokenizer, load_text(source), config.calibration_seq_len, config.calibration_windows)
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise DataError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(windows.shape)}")
+    return windows
 
 
 def quantize_model(
@@ -80,12 +145,12 @@ def quantize_model(
     """
     from .models import load_model
 
-    if use_calibration:
-        raise NotImplementedError(
-            "calibrated PTQ is not available in this version; call with use_calibration=False"
-        )
     config = (config or QuantConfig()).replace(**config_fields) if config_fields else (config or QuantConfig())
+    if use_calibration and config.calibration is None:
+        config = config.replace(calibration="wikitext2_valid")
+    if not use_calibration:
+        config = config.replace(calibration=None)
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
-    report = quantize(model, config, quiet=quiet)
+    report = quantize(model, config, tokenizer=tokenizer, quiet=quiet)
     return {"model": model, "tokenizer": tokenizer, "config": config, "stats": model_stats(model),
             "report": report}

@@ -38,6 +38,12 @@ def ternarize(weight: torch.Tensor, config: QuantConfig, name: str = "weight") -
         if in_features % group_size:
             blocks.append(w[:, full * group_size :].reshape(out_features, 1, -1))
 
+    if config.planes > 1:
+        fitted = [fit_planes(block, planes=config.planes) for block in blocks]  # thresholds are implicit
+        codes = torch.cat([c.reshape(config.planes, out_features, -1) for c, _ in fitted], dim=-1)
+        scales = torch.cat([a for _, a in fitted], dim=-1)
+        return TernaryTensor(codes=codes, scales=scales, group_size=group_size)
+
     keeps, scales, thresholds = [], [], []
     for block in blocks:
         keep, threshold = fit_threshold(block, config)
@@ -45,10 +51,7 @@ def ternarize(weight: torch.Tensor, config: QuantConfig, name: str = "weight") -
         scales.append(mean_kept_magnitude(block.abs(), keep))
         thresholds.append(threshold)
 
-    if config.granularity == "group":
-        keep = torch.cat([k.reshape(out_features, -1) for k in keeps], dim=1)
-    else:
-        keep = keeps[0].reshape(out_features, in_features)
+    keep = torch.cat([k.reshape(out_features, -1) for k in keeps], dim=1)
     codes = (torch.sign(w) * keep).to(torch.int8)
     return TernaryTensor(
         codes=codes,
@@ -113,3 +116,51 @@ def mean_kept_magnitude(magnitude: torch.Tensor, keep: torch.Tensor) -> torch.Te
     """Least-squares scale for fixed codes: mean |w| over kept weights (0 for an all-zero group)."""
     kept = keep.to(magnitude.dtype)
     return (magnitude * kept).sum(-1) / kept.sum(-1).clamp(min=1)
+
+
+def trit_combinations(planes: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """All 3^planes code tuples as a (3^planes, planes) float tensor: the levels of a K-plane grid are C @ α.
+
+    The all-zero tuple comes first, so a tie (a zero scale makes every level 0) resolves to code 0.
+    """
+    grids = torch.meshgrid(*[torch.tensor([0.0, -1.0, 1.0], device=device)] * planes, indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids], dim=-1)
+
+
+def fit_planes(
+    block: torch.Tensor, importance: torch.Tensor | None = None, planes: int = 1, iterations: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit W ≈ Σ_k α_k·T_k per group of ``block`` (rows, groups, length), minimising Σ d·(w − ŵ)².
+
+    ``importance`` d broadcasts to ``block`` (None: uniform). Initialised greedily (each plane the exact
+    MSE-optimal ternary fit of the previous residual), then refined alternately (PTQTP): assign every weight to
+    the nearest level of the 3^K-level grid, then solve the K x K weighted least squares for the scales.
+    Returns codes (planes, rows, groups, length) int8 and scales (planes, rows, groups).
+    """
+    w = block.float()
+    d = torch.ones_like(w) if importance is None else importance.float().expand_as(w)
+    residual, alphas = w, []
+    for _ in range(planes):
+        keep, _ = _mse_optimal(residual.abs())
+        kept = keep.float() * d
+        alpha = (residual.abs() * kept).sum(-1) / kept.sum(-1).clamp(min=1e-30)
+        alphas.append(alpha)
+        residual = residual - alpha.unsqueeze(-1) * torch.sign(residual) * keep
+    alpha = torch.stack(alphas, dim=-1)  # (rows, groups, K)
+    combos = trit_combinations(planes, w.device)  # (L, K)
+    for _ in range(iterations):
+        trits = combos[nearest_level(w, alpha @ combos.T)]  # (rows, groups, length, K)
+        gram = torch.einsum("rgnk,rgnl,rgn->rgkl", trits, trits, d)
+        rhs = torch.einsum("rgnk,rgn->rgk", trits, d * w)
+        # An unused plane (a zero diagonal entry) would make the system singular: give it a unit diagonal, so
+        # its scale solves to 0; a tiny relative ridge covers planes that coincide.
+        diagonal = gram.diagonal(dim1=-2, dim2=-1)
+        ridge = 1e-6 * diagonal.mean(-1, keepdim=True) + (diagonal == 0)
+        alpha = torch.linalg.solve(gram + torch.diag_embed(ridge), rhs)
+    trits = combos[nearest_level(w, alpha @ combos.T)]
+    return trits.permute(3, 0, 1, 2).to(torch.int8), alpha.permute(2, 0, 1).contiguous()
+
+
+def nearest_level(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of ``levels`` (..., L) for each entry of ``values`` (..., n)."""
+    return (values.unsqueeze(-1) - levels.unsqueeze(-2)).abs().argmin(-1)

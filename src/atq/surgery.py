@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .config import QuantConfig
 
@@ -77,3 +77,21 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """The model's decoder blocks: the longest ``nn.ModuleList`` whose every child holds a linear layer.
+
+    Found by structure, not by family (``model.layers`` in Llama, ``transformer.h`` in GPT-2), so sequential
+    calibration works on any decoder stack.
+    """
+    best: tuple[str, list[nn.Module]] | None = None
+    for name, module in model.named_modules():
+        is_stack = isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+            any(is_linear(m) for m in child.modules()) for child in module
+        )
+        if is_stack and (best is None or len(module) > len(best[1])):
+            best = (name, list(module))
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: no decoder blocks found (a ModuleList of blocks with linear layers)")
+    return best

@@ -4,6 +4,9 @@ Every granularity is stored the same way, as groups along the input dimension: a
 spanning a whole (flattened) tensor, a per-row scale is one group per row, and group scales split each row into
 ``ceil(in_features / group_size)`` groups whose last one may be shorter. A single layout keeps dequantize,
 packing, kernels and export free of per-granularity branches.
+
+Several trit-planes (W ≈ Σ_k α_k·T_k, PTQTP) add a leading plane dimension to codes and scales; one plane is
+stored without it, so the common case stays a plain (out, in) matrix.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import torch
 
 @dataclass
 class TernaryTensor:
-    """codes: int8 (out, in) in {-1, 0, 1}; scales: float (1 or out, n_groups); group_size along the input dim.
+    """codes: int8 ([planes,] out, in) in {-1, 0, 1}; scales: float ([planes,] 1 or out, n_groups).
 
-    ``scales.shape[0] == 1`` means one scale row shared by all output rows (per-tensor scale).
+    ``scales.shape[-2] == 1`` means one scale row shared by all output rows (per-tensor scale).
     ``thresholds`` (same shape as scales) record the cutoff that produced the codes, for reports only.
     """
 
@@ -27,40 +30,51 @@ class TernaryTensor:
     thresholds: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.codes.dim() != 2:
-            raise ValueError(f"TernaryTensor codes must be 2-D (out, in), got shape {tuple(self.codes.shape)}")
+        if self.codes.dim() not in (2, 3):
+            raise ValueError(
+                f"TernaryTensor codes must be (out, in) or (planes, out, in), got shape {tuple(self.codes.shape)}"
+            )
         if self.codes.dtype != torch.int8:
             raise ValueError(f"TernaryTensor codes must be int8, got {self.codes.dtype}")
-        out_features, in_features = self.codes.shape
+        out_features, in_features = self.codes.shape[-2:]
         expected_groups = -(-in_features // self.group_size)
-        if self.scales.dim() != 2 or self.scales.shape[0] not in (1, out_features) or (
-            self.scales.shape[1] != expected_groups
+        if self.scales.dim() != self.codes.dim() or self.scales.shape[:-2] != self.codes.shape[:-2] or (
+            self.scales.shape[-2] not in (1, out_features) or self.scales.shape[-1] != expected_groups
         ):
             raise ValueError(
                 f"TernaryTensor scales shape {tuple(self.scales.shape)} does not fit codes {tuple(self.codes.shape)}"
-                f" with group_size {self.group_size} (expected (1 or {out_features}, {expected_groups}))"
+                f" with group_size {self.group_size} (expected (1 or {out_features}, {expected_groups})"
+                " with the same leading plane dimension)"
             )
 
     @property
     def shape(self) -> torch.Size:
-        return self.codes.shape
+        """The weight's (out, in) shape, whatever the number of planes."""
+        return self.codes.shape[-2:]
+
+    @property
+    def planes(self) -> int:
+        return self.codes.shape[0] if self.codes.dim() == 3 else 1
 
     @property
     def n_groups(self) -> int:
-        return self.scales.shape[1]
+        return self.scales.shape[-1]
 
     def expanded_scales(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Scales broadcast to (1 or out, in): each input column gets its group's scale."""
         scales = self.scales if dtype is None else self.scales.to(dtype)
-        return expand_group_scales(scales, self.group_size, self.codes.shape[1])
+        return expand_group_scales(scales, self.group_size, self.codes.shape[-1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.codes.to(dtype) * self.expanded_scales(dtype)
+        dense = self.codes.to(dtype) * self.expanded_scales(dtype)
+        return dense.sum(0) if self.codes.dim() == 3 else dense
 
     def sparsity(self) -> float:
-        return float((self.codes == 0).float().mean())
+        """Fraction of weights that are exactly zero (all planes zero)."""
+        codes = self.codes if self.codes.dim() == 2 else self.codes.abs().sum(0)
+        return float((codes == 0).float().mean())
 
 
 def expand_group_scales(scales: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
     """Repeat each group's scale over its columns and cut the padding of a short last group."""
-    return scales.repeat_interleave(group_size, dim=1)[:, :in_features]
+    return scales.repeat_interleave(group_size, dim=-1)[..., :in_features]

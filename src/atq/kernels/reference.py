@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..packing import unpack_trits
+from ..packing import unpack
 from ..ternary import expand_group_scales
 
 
 def dequantize_packed(
-    packed: torch.Tensor, scales: torch.Tensor, group_size: int, in_features: int, dtype: torch.dtype
+    packed: torch.Tensor, scales: torch.Tensor, group_size: int, in_features: int, dtype: torch.dtype,
+    layout: str = "2bit",
 ) -> torch.Tensor:
-    """Packed codes (out, ceil(in/4)) and group scales (1|out, groups) -> dense (out, in) weight in ``dtype``."""
-    codes = unpack_trits(packed, in_features)
-    return codes.to(dtype) * expand_group_scales(scales.to(dtype), group_size, in_features)
+    """Packed codes ([planes,] out, bytes) and scales ([planes,] 1|out, groups) -> dense (out, in)."""
+    codes = unpack(packed, in_features, layout)
+    dense = codes.to(dtype) * expand_group_scales(scales.to(dtype), group_size, in_features)
+    return dense.sum(0) if dense.dim() == 3 else dense
 
 
 def ternary_linear(
@@ -24,6 +26,7 @@ def ternary_linear(
     group_size: int,
     in_features: int,
     bias: torch.Tensor | None = None,
+    layout: str = "2bit",
 ) -> torch.Tensor:
-    weight = dequantize_packed(packed, scales, group_size, in_features, x.dtype)
+    weight = dequantize_packed(packed, scales, group_size, in_features, x.dtype, layout)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))

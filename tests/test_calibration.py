@@ -1,0 +1,125 @@
+"""Calibrated PTQ against independent references: brute-force / float64 objectives on small problems."""
+
+import pytest
+import torch
+
+from atq import QuantConfig, quantize
+from atq.calibration import accumulate_hessians, capture_block_inputs, gptq_ternary
+from atq.data import DataError
+from atq.surgery import decoder_blocks
+
+from .conftest import make_gpt2, make_llama
+
+
+def output_error(weight, approx, x):
+    return float(((x.double() @ (weight.double() - approx.double()).T) ** 2).sum())
+
+
+def correlated_inputs(n=512, dim=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=generator) * (torch.rand(dim, generator=generator) * 3)
+    return torch.randn(n, dim, generator=generator) @ mix
+
+
+def test_compensation_lowers_the_output_error():
+    torch.manual_seed(0)
+    weight, x = torch.randn(24, 32), correlated_inputs()
+    hessian = x.T @ x / len(x)
+    plain = gptq_ternary(weight, hessian, group_size=16, compensate=False).dequantize()
+    compensated = gptq_ternary(weight, hessian, group_size=16, compensate=True).dequantize()
+    assert output_error(weight, compensated, x) < 0.8 * output_error(weight, plain, x)
+
+
+def test_without_compensation_each_column_rounds_to_the_nearest_level():
+    torch.manual_seed(1)
+    weight, x = torch.randn(8, 16), correlated_inputs(dim=16)
+    tensor = gptq_ternary(weight, x.T @ x, group_size=8, compensate=False)
+    restored = tensor.dequantize()
+    for row in range(8):
+        for group in range(2):
+            alpha = float(tensor.scales[row, group])
+            cols = slice(8 * group, 8 * group + 8)
+            levels = torch.tensor([-alpha, 0.0, alpha])
+            nearest = levels[(weight[row, cols, None] - levels).abs().argmin(-1)]
+            assert torch.allclose(restored[row, cols], nearest, atol=1e-6)
+
+
+def test_two_planes_beat_one_and_codes_are_trits():
+    torch.manual_seed(2)
+    weight, x = torch.randn(16, 32), correlated_inputs()
+    hessian = x.T @ x
+    one = gptq_ternary(weight, hessian, group_size=16, planes=1)
+    two = gptq_ternary(weight, hessian, group_size=16, planes=2)
+    assert two.codes.shape == (2, 16, 32) and set(two.codes.unique().tolist()) <= {-1, 0, 1}
+    assert output_error(weight, two.dequantize(), x) < 0.5 * output_error(weight, one.dequantize(), x)
+
+
+def test_dead_inputs_are_dampened_not_fatal():
+    weight = torch.randn(4, 8)
+    x = torch.randn(64, 8)
+    x[:, 3] = 0  # a dead input: zero row and column in H, singular without dampening
+    tensor = gptq_ternary(weight, x.T @ x, group_size=4)
+    assert torch.isfinite(tensor.dequantize()).all()
+    assert not tensor.codes[:, 3].any()
+
+
+def test_hessians_and_block_inputs_match_a_manual_forward():
+    model = make_llama()
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    prefix, blocks = decoder_blocks(model)
+    assert prefix == "model.layers" and len(blocks) == 2
+    batches = capture_block_inputs(model, blocks[0], windows, batch_size=2)
+    assert [b[0].shape for b in batches] == [(2, 16, 72), (1, 16, 72)]
+    embedded = model.model.embed_tokens(windows)
+    assert torch.allclose(torch.cat([b[0] for b in batches]), embedded)
+    layer = blocks[0].self_attn.q_proj
+    hessians = accumulate_hessians(blocks[0], {"self_attn.q_proj": layer}, batches)
+    normed = blocks[0].input_layernorm(embedded).reshape(-1, 72).double()
+    assert torch.allclose(hessians["self_attn.q_proj"].double(), normed.T @ normed / 48, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2])
+def test_calibrated_quantize_beats_uncalibrated_on_the_model_output(make):
+    windows = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+    reference = make()(windows).logits
+    errors = {}
+    for label, config, calibration in [
+        ("plain", QuantConfig(), None),
+        ("calibrated", QuantConfig(calibration="given"), windows),
+        ("reconstructed", QuantConfig(calibration="given", reconstruct_steps=40, reconstruct_lr=1e-3), windows),
+        ("two planes", QuantConfig(calibration="given", planes=2), windows),
+    ]:
+        model = make()
+        report = quantize(model, config, calibration=calibration, quiet=True)
+        with torch.no_grad():
+            errors[label] = float(((model(windows).logits - reference) ** 2).mean())
+        assert all(r["precision"] == "fp" or "rel_error" in r for r in report)
+    assert errors["calibrated"] < errors["plain"]
+    assert errors["reconstructed"] < errors["calibrated"]
+    assert errors["two planes"] < 0.5 * errors["calibrated"]
+
+
+def test_calibration_needs_data_and_a_window(tiny_llama, char_tokenizer, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(DataError, match="fewer than one window"):
+        quantize(tiny_llama, QuantConfig(calibration=str(short), calibration_seq_len=64), tokenizer=char_tokenizer)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        quantize(tiny_llama, QuantConfig(calibration=str(short)))
+    with pytest.raises(DataError, match="at least one window"):
+        quantize(tiny_llama, QuantConfig(), calibration=torch.zeros(0, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="QuantConfig.calibration_windows"):
+        QuantConfig(calibration_windows=0)
+    with pytest.raises(ValueError, match="QuantConfig.planes"):
+        QuantConfig(planes=0)
+    with pytest.raises(ValueError, match="granularity 'row' or 'group'"):
+        quantize(tiny_llama, QuantConfig(granularity="tensor"), calibration=torch.zeros(1, 16, dtype=torch.long))
+    from atq import PackedTernaryLinear
+
+    assert not any(isinstance(m, PackedTernaryLinear) for m in tiny_llama.modules())
+
+
+def test_generated_calibration_is_data_free(tiny_llama, char_tokenizer):
+    config = QuantConfig(calibration="generated", calibration_windows=3, calibration_seq_len=12)
+    report = quantize(tiny_llama, config, tokenizer=char_tokenizer, quiet=True)
+    assert sum(r["precision"] == "ternary" for r in report) == 14
