@@ -123,3 +123,14 @@ def test_generated_calibration_is_data_free(tiny_llama, char_tokenizer):
     config = QuantConfig(calibration="generated", calibration_windows=3, calibration_seq_len=12)
     report = quantize(tiny_llama, config, tokenizer=char_tokenizer, quiet=True)
     assert sum(r["precision"] == "ternary" for r in report) == 14
+
+
+def test_sparsity_target_holds_under_compensation():
+    torch.manual_seed(4)
+    weight, x = torch.randn(32, 64), correlated_inputs(dim=64)
+    for target in (0.3, 0.5, 0.7):
+        tensor = gptq_ternary(weight, x.T @ x, group_size=32, sparsity=target)
+        assert tensor.sparsity() == pytest.approx(target, abs=0.05)
+        plain = gptq_ternary(weight, x.T @ x, group_size=32, sparsity=target, compensate=False)
+        # without compensation every group hits the target exactly
+        assert plain.sparsity() == pytest.approx(round(target * 32) / 32, abs=1e-9)

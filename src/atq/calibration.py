@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .layers import PackedTernaryLinear
-from .quantizers import fit_planes, nearest_level, trit_combinations
+from .quantizers import fit_planes, keep_top, mean_kept_magnitude, nearest_level, trit_combinations
 from .surgery import decoder_blocks, linear_weight, set_module
 from .ternary import TernaryTensor, expand_group_scales
 
@@ -32,9 +32,10 @@ def gptq_ternary(
     damp: float = 0.01,
     block_size: int = 128,
     compensate: bool = True,
+    sparsity: float | None = None,
 ) -> TernaryTensor:
     """Quantize one weight (out, in) against its Hessian; see ``gptq_ternary_batched``."""
-    return gptq_ternary_batched([weight], [hessian], group_size, planes, damp, block_size, compensate)[0]
+    return gptq_ternary_batched([weight], [hessian], group_size, planes, damp, block_size, compensate, sparsity)[0]
 
 
 def gptq_ternary_batched(
@@ -45,6 +46,7 @@ def gptq_ternary_batched(
     damp: float = 0.01,
     block_size: int = 128,
     compensate: bool = True,
+    sparsity: float | None = None,
 ) -> list[TernaryTensor]:
     """Quantize weights (out_b, n) column by column onto per-group K-plane ternary grids, all problems at once.
 
@@ -52,6 +54,10 @@ def gptq_ternary_batched(
     group's columns *as already updated* by the compensation of earlier columns. With ``compensate`` each
     column's rounding error is spread over the remaining columns through the Cholesky factor of H⁻¹ (GPTQ), in
     lazy batches of ``block_size`` columns. Dead inputs (zero diagonal) are handled by dampening, never a crash.
+
+    With ``sparsity`` (one plane only) each group's threshold is instead the ``sparsity`` quantile of its updated
+    |w| and columns round by that threshold, so the zero fraction follows the target (approximately: columns
+    after the group's first keep moving under compensation); otherwise columns round to the nearest level.
 
     The problems share the input width n and are stacked (rows zero-padded) so that one Python loop over the
     columns serves them all: the loop's kernel launches, not the arithmetic, bound the speed at this size.
@@ -77,7 +83,10 @@ def gptq_ternary_batched(
     combos = trit_combinations(planes, device)
     index = torch.zeros(count, rows, n, dtype=torch.long, device=device)
     scales = torch.zeros(planes, count, rows, -(-n // group_size), device=device)
+    if sparsity is not None and planes != 1:
+        raise ValueError("a sparsity target applies to one trit-plane only")
     levels = torch.zeros(count, rows, len(combos), device=device)
+    cutoff = torch.zeros(count, rows, 1, device=device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         block, u = w[:, :, i1:i2].clone(), upper[:, i1:i2, i1:i2]
@@ -89,12 +98,21 @@ def gptq_ternary_batched(
                 group = block[:, :, i : i + width].reshape(count * rows, 1, width)
                 weight_of = importance[:, None, column : column + width].expand(count, rows, width)
                 # one plane converges in a few alternations from its exact MSE start; planes interact longer
-                _, alpha = fit_planes(group, weight_of.reshape(count * rows, 1, width), planes,
-                                      iterations=4 if planes == 1 else 8)
-                alpha = alpha.reshape(planes, count, rows)
+                if sparsity is None:
+                    _, alpha = fit_planes(group, weight_of.reshape(count * rows, 1, width), planes,
+                                          iterations=4 if planes == 1 else 8)
+                    alpha = alpha.reshape(planes, count, rows)
+                else:
+                    keep, threshold = keep_top(group.abs(), width - round(sparsity * width))
+                    alpha = mean_kept_magnitude(group.abs(), keep).reshape(1, count, rows)
+                    cutoff = threshold.reshape(count, rows, 1)
                 scales[..., column // group_size] = alpha
                 levels = torch.einsum("kbr,lk->brl", alpha, combos)
-            chosen = nearest_level(block[:, :, i : i + 1], levels)  # (count, rows, 1)
+            value = block[:, :, i : i + 1]
+            if sparsity is None:
+                chosen = nearest_level(value, levels)  # (count, rows, 1)
+            else:  # combos are ordered (0, -1, +1)
+                chosen = torch.where(value.abs() > cutoff, torch.where(value > 0, 2, 1), 0)
             index[:, :, column] = chosen.squeeze(-1)
             if compensate:
                 error = (block[:, :, i] - levels.gather(-1, chosen).squeeze(-1)) / u[:, i, i].unsqueeze(-1)
@@ -257,6 +275,7 @@ def quantize_block_layers(
             [hessians[names[0]] for names in problems],
             group_size=width if config.granularity == "row" else config.group_size,
             planes=config.planes, damp=config.damp, block_size=config.block_size, compensate=config.compensation,
+            sparsity=config.sparsity if config.mode == "sparsity" else None,
         )
         for names, tensor in zip(problems, fused):
             start = 0

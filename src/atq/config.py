@@ -30,6 +30,9 @@ class QuantConfig:
     planes: trit-planes per weight, W ≈ Σ_k α_k·T_k (PTQTP); each plane costs its codes plus its scales.
     packing: ``2bit`` (4 trits a byte, fast to unpack) or ``base3`` (5 trits a byte, 1.6 bits a trit).
 
+    With calibration, ``sparsity`` mode keeps its per-group zero fraction (thresholds refitted on the compensated
+    weights); the other modes round each column to the nearest level of the group's fitted grid.
+
     Calibration (used when ``quantize`` gets calibration windows, or ``calibration`` names a source):
     calibration: ``wikitext2_valid``, a text file, or ``generated`` (text sampled from the FP model);
     calibration_windows x calibration_seq_len tokens; ``compensation`` pushes each column's error onto the
@@ -96,6 +99,8 @@ class QuantConfig:
         _check(self.reconstruct_target in ("fp", "block"), "reconstruct_target", "one of ('fp', 'block')",
                self.reconstruct_target)
         _check(self.packing in ("2bit", "base3"), "packing", "one of ('2bit', 'base3')", self.packing)
+        _check(self.mode != "sparsity" or self.planes == 1 or self.calibration is None, "planes",
+               "1 when a calibrated run targets a sparsity (mode='sparsity')", self.planes)
         _check(self.planes <= 4, "planes", "an integer in [1, 4]", self.planes)
         _check(_is_real(self.damp) and self.damp > 0, "damp", "a finite number > 0", self.damp)
         _check(_is_real(self.reconstruct_lr) and self.reconstruct_lr > 0, "reconstruct_lr", "a finite number > 0",

@@ -74,11 +74,11 @@ def fit_threshold(block: torch.Tensor, config: QuantConfig) -> tuple[torch.Tenso
         return magnitude > threshold.unsqueeze(-1), threshold
     if config.mode == "sparsity":
         length = block.shape[-1]
-        return _keep_top(magnitude, length - round(config.sparsity * length))
+        return keep_top(magnitude, length - round(config.sparsity * length))
     return _mse_optimal(magnitude)
 
 
-def _keep_top(magnitude: torch.Tensor, n_keep: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_top(magnitude: torch.Tensor, n_keep: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the ``n_keep`` largest |w| of each group (by rank, so ties cannot change the count).
 
     ``n_keep`` is an int or a (rows, groups) tensor. The reported threshold is the midpoint between the
@@ -109,7 +109,7 @@ def _mse_optimal(magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     objective = ordered.cumsum(dim=-1).pow(2) / counts
     n_keep = objective.argmax(dim=-1) + 1
     n_keep = torch.where(ordered[..., 0] > 0, n_keep, torch.zeros_like(n_keep))
-    return _keep_top(magnitude, n_keep)
+    return keep_top(magnitude, n_keep)
 
 
 def mean_kept_magnitude(magnitude: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,153 @@
+"""Ablation: sparsity target x mixed precision x method, on SmolLM2 (or any model source).
+
+    python experiments/ablation.py --model smollm2 --max-batches 16 [--out results/ablation_smollm2.json]
+
+Methods: the seed preset, weight-only mse, calibrated (sparsity mode, no compensation), calibrated with GPTQ
+compensation, and two trit-planes (calibrated + compensation). Methods without a sparsity knob (seed, mse,
+2 planes) run once per mixed-precision setting. Mixed precision keeps the top fraction of layers by the gradient
+sensitivity score in floating point. ``--max-batches`` caps the evaluation windows (and the calibration windows)
+so the grid fits a GPU session; the JSON records what was used. Writes PNG plots next to the JSON: perplexity vs
+sparsity per method, and perplexity vs bits per weight (the Pareto view).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from atq import QuantConfig, load_model, quantize
+from atq.bench import model_stats
+from atq.data import load_text, token_windows
+from atq.evaluate import evaluate_windows
+from atq.sensitivity import keep_in_fp, sensitivity
+from atq.surgery import select_linear_layers
+
+
+def methods(calibration: str) -> dict[str, tuple[QuantConfig, bool]]:
+    """name -> (config, whether the sparsity target applies)."""
+    calibrated = QuantConfig(mode="sparsity", calibration=calibration, granularity="group", group_size=64)
+    return {
+        "seed preset": (QuantConfig.seed(), False),
+        "mse": (QuantConfig(mode="mse"), False),
+        "calibrated": (calibrated.replace(compensation=False), True),
+        "calibrated + compensation": (calibrated, True),
+        "2 planes": (calibrated.replace(mode="mse", planes=2), False),
+    }
+
+
+def fp_exclusions(model, config: QuantConfig, windows: torch.Tensor, fraction: float) -> tuple[str, ...]:
+    """Exact-name exclude patterns for the most sensitive ``fraction`` of layers (scored on ``windows``)."""
+    if fraction == 0:
+        return ()
+    layers = select_linear_layers(model, config)
+    scores = sensitivity(model, layers, config, windows, "gradient", quiet=True)
+    return tuple(f"^{re.escape(name)}$" for name in sorted(keep_in_fp(scores, fraction)))
+
+
+def write(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
+
+
+def run(args: argparse.Namespace) -> dict:
+    fp_model, tokenizer = load_model(args.model, device="cpu")
+    eval_windows = token_windows(tokenizer, load_text(args.data), args.seq_len, args.max_batches)
+    calib_windows = token_windows(tokenizer, load_text(args.calibration), args.seq_len, args.max_batches)
+    fp_ppl = evaluate_windows(fp_model.to(args.device), eval_windows, quiet=True)["ppl"]
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    rows: list[dict] = []
+    report = {"model": args.model, "device": device, "seq_len": args.seq_len, "windows": len(eval_windows),
+              "calibration_windows": len(calib_windows), "fp_ppl": fp_ppl, "rows": rows}
+    for name, (base, has_sparsity) in methods(args.calibration).items():
+        for fraction in args.fp_fractions:
+            exclusions = fp_exclusions(fp_model, base, calib_windows[: args.score_windows], fraction)
+            for target in args.sparsities if has_sparsity else [None]:
+                config = base.replace(exclude=exclusions, calibration_windows=len(calib_windows),
+                                      calibration_seq_len=args.seq_len)
+                if target is not None:
+                    config = config.replace(sparsity=target)
+                model = copy.deepcopy(fp_model)
+                start = time.perf_counter()
+                quantize(model, config, calibration=calib_windows if config.calibration else None, quiet=True)
+                seconds = time.perf_counter() - start
+                stats = model_stats(model)
+                rows.append({
+                    "method": name, "sparsity_target": target, "fp_fraction": fraction,
+                    "ppl": evaluate_windows(model, eval_windows, quiet=True)["ppl"],
+                    "sparsity": stats["sparsity"], "bits_per_weight": stats["bits_per_weight"],
+                    "bits_per_linear_weight": stats["bits_per_linear_weight"], "quant_seconds": seconds,
+                    "config": config.to_dict(),
+                })
+                print(f"{name:28s} fp {fraction:.1f} sparsity {target} -> ppl {rows[-1]['ppl']:.4g}", file=sys.stderr)
+                del model
+                write(report, Path(args.out))  # after every row: a run cut short keeps what it measured
+    return report
+
+
+def plot(report: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in report["rows"]):
+        points = sorted((r["sparsity"], r["ppl"]) for r in report["rows"] if r["method"] == method and r["fp_fraction"] == 0)
+        axis.plot(*zip(*points), marker="o", label=method)
+    axis.axhline(report["fp_ppl"], color="black", linestyle="--", label="FP")
+    axis.set(xlabel="achieved sparsity", ylabel="perplexity (log)", yscale="log", title="perplexity vs sparsity")
+    axis.legend(fontsize=8)
+    paths.append(out.with_name(out.stem + "_sparsity.png"))
+    figure.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in report["rows"]):
+        points = [(r["bits_per_linear_weight"], r["ppl"]) for r in report["rows"] if r["method"] == method]
+        axis.scatter(*zip(*points), label=method, s=18)
+    axis.axhline(report["fp_ppl"], color="black", linestyle="--", label="FP")
+    axis.set(xlabel="bits per decoder weight (FP layers at 16)", ylabel="perplexity (log)", yscale="log",
+             title="perplexity vs bits per weight")
+    axis.legend(fontsize=8)
+    paths.append(out.with_name(out.stem + "_pareto.png"))
+    figure.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    plt.close("all")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--data", default="wikitext2")
+    parser.add_argument("--calibration", default="wikitext2_valid")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--max-batches", type=int, default=16, help="evaluation and calibration windows")
+    parser.add_argument("--score-windows", type=int, default=4, help="windows for the sensitivity scores")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    parser.add_argument("--fp-fractions", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="results/ablation_smollm2.json")
+    args = parser.parse_args(argv)
+    report = run(args)
+    out = Path(args.out)
+    for path in plot(report, out):
+        print(f"wrote {path}", file=sys.stderr)
+    print("| method | fp fraction | sparsity target | sparsity | bits/weight (decoder) | perplexity |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in report["rows"]:
+        target = "-" if r["sparsity_target"] is None else f"{r['sparsity_target']:.1f}"
+        print(f"| {r['method']} | {r['fp_fraction']:.1f} | {target} | {r['sparsity']:.3f} | "
+              f"{r['bits_per_linear_weight']:.2f} | {r['ppl']:,.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
