@@ -218,7 +218,7 @@ def reconstruct_block(
     steps: int,
     lr: float,
 ) -> tuple[float, float]:
-    """Tune the block's ternary scales and its other FP parameters (norms, biases) so the quantized block
+    """Tune the block's ternary scales and its other FP parameters (norms, biases, layers kept FP) so the block
     reproduces the FP block's outputs; returns (loss before, loss after) on the calibration batches."""
     tunables = {name: _TunableTernary(m) for name, m in block.named_modules() if isinstance(m, PackedTernaryLinear)}
     for name, tunable in tunables.items():

@@ -41,7 +41,7 @@ def quantize(
     layers = select_linear_layers(model, config)
     # Validate every weight (and the calibration data) before touching the model: a NaN in the last layer or
     # a too-short text must leave it unmodified.
-    weights = {name: linear_weight(module).detach().clone() for name, module in layers.items()}
+    weights = {name: linear_weight(module).detach() for name, module in layers.items()}
     for name, weight in weights.items():
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}.weight contains NaN/Inf values; ternarisation needs finite weights")
