@@ -43,6 +43,8 @@ METHODS += [
      CALIBRATED.replace(planes=2, packing="base3", group_size=128, reconstruct_steps=256)),
     ("group 64, calibrated + compensation + block reconstruction, 20% layers FP",
      CALIBRATED.replace(reconstruct_steps=96, fp_fraction=0.2)),
+    ("group 64, calibrated + compensation + block reconstruction, fast (64 windows, 64 steps)",
+     CALIBRATED.replace(reconstruct_steps=64, calibration_windows=64)),
 ]
 
 
