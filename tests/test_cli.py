@@ -53,3 +53,17 @@ def test_calibrated_two_plane_mixed_precision_from_the_cli(tiny_model_dir, text_
     layers = meta["layers"].values()
     assert sum(layer["precision"] == "fp" for layer in layers) == 1 + round(0.2 * 14)  # head + kept layers
     assert all(layer["layout"] == "base3" and layer["planes"] == 2 for layer in layers if layer["precision"] != "fp")
+
+
+def test_train_from_a_ptq_artifact_then_eval(tiny_model_dir, text_file, tmp_path, capsys):
+    ptq = tmp_path / "ptq"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--out", str(ptq), "--device", "cpu", "--quiet"]) == 0
+    out = tmp_path / "qat"
+    code = main(["train", "--model", str(tiny_model_dir), "--init", str(ptq), "--data", str(text_file),
+                 "--windows", "8", "--seq-len", "16", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2",
+                 "--out", str(out), "--device", "cpu", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert "loss first / last" in capsys.readouterr().out
+    assert (tmp_path / "qat.ckpt" / "train_state.pt").is_file()
+    assert main(["eval", "--model", str(out), "--data", str(text_file), "--seq-len", "16", "--device", "cpu",
+                 "--quiet"]) == 0

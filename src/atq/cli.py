@@ -1,4 +1,4 @@
-"""``atq quantize | eval``: a thin layer over the Python API (every option maps to a QuantConfig field or an
+"""``atq quantize | train | eval``: a thin layer over the Python API (every option maps to a QuantConfig field or an
 argument of ``evaluate``)."""
 
 from __future__ import annotations
@@ -65,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the FP parts and activations")
     q.add_argument("--eval", action="store_true", help="perplexity before and after")
     _add_eval_options(q)
+
+    t = commands.add_parser("train", help="quantization-aware training with distillation from the FP model")
+    t.add_argument("--model", default="smollm2", help="the FP model (teacher; student too without --init)")
+    t.add_argument("--init", default=None, help="start from this PTQ artifact directory")
+    t.add_argument("--data", default="generated", help="wikitext2_valid, a text file, or generated (data-free)")
+    t.add_argument("--windows", type=int, default=256, help="training windows (generated or cut from --data)")
+    t.add_argument("--seq-len", type=int, default=512)
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--warmup-steps", type=int, default=10)
+    t.add_argument("--no-teacher", action="store_true", help="plain next-token loss, no distillation")
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--out", required=True, help="artifact directory; checkpoints go to OUT.ckpt")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--quiet", action="store_true")
 
     e = commands.add_parser("eval", help="perplexity and token accuracy of a model or artifact")
     e.add_argument("--model", required=True, help="artifact dir, hub id, local dir, .gguf, or smollm2")
@@ -152,11 +169,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import generated_windows, load_text, token_windows
+    from .io import save_quantized
+    from .models import load_model
+    from .qat import TrainConfig, prepare_qat, to_packed, train
+
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                         warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every)
+    text = None if args.data == "generated" else load_text(args.data)
+    device = _device(args.device)
+    teacher, tokenizer = load_model(args.model, device=device)
+    student = load_model(args.init, device=device)[0] if args.init else load_model(args.model, device=device)[0]
+    windows = (generated_windows(teacher, tokenizer, args.windows, args.seq_len, quiet=args.quiet) if text is None
+               else token_windows(tokenizer, text, args.seq_len, args.windows))
+    prepare_qat(student, getattr(student, "atq_config", None) or QuantConfig())
+    history = train(student, windows, config, teacher=None if args.no_teacher else teacher,
+                    checkpoint_dir=f"{args.out}.ckpt", quiet=args.quiet)
+    to_packed(student)
+    save_quantized(student, args.out, tokenizer=tokenizer)
+    print(_table([("steps", str(config.steps)), ("windows", f"{len(windows)}x{args.seq_len}"),
+                  ("loss first / last", f"{history[0]['loss']:.4f} / {history[-1]['loss']:.4f}"),
+                  ("artifact", args.out)]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "train": cmd_train}[args.command](args)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
         print(f"atq {args.command}: error: {error}", file=sys.stderr)
         return 2

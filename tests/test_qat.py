@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from atq import PackedTernaryLinear, QuantConfig, TernaryLinear, load_quantized, save_quantized
+from atq.qat import (
+    TrainConfig,
+    batch_indices,
+    distillation_loss,
+    learning_rate,
+    prepare_qat,
+    to_packed,
+    train,
+)
+
+from .conftest import make_llama
+
+
+def windows(n=12, seq=24):
+    return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(7))
+
+
+def test_batches_cover_each_epoch_once_and_depend_only_on_the_step():
+    config = TrainConfig(steps=10, batch_size=3, grad_accum=2, seed=5)
+    first_epoch = torch.cat([batch_indices(s, m, 12, config) for s in range(2) for m in range(2)])
+    assert sorted(first_epoch.tolist()) == list(range(12))
+    assert torch.equal(batch_indices(7, 1, 12, config), batch_indices(7, 1, 12, config))
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    config = TrainConfig(steps=10, lr=1.0, warmup_steps=2)
+    assert learning_rate(0, config) == 0.5 and learning_rate(1, config) == 1.0
+    assert learning_rate(2, config) == pytest.approx(1.0) and learning_rate(10, config) == pytest.approx(0.0)
+
+
+def test_distillation_loss_is_zero_for_equal_logits_and_matches_kl():
+    logits = torch.randn(2, 5, 11)
+    assert float(distillation_loss(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(2, 5, 11)
+    p = torch.softmax(other.reshape(-1, 11).double(), -1)
+    q = torch.softmax(logits.reshape(-1, 11).double(), -1)
+    expected = float((p * (p.log() - q.log())).sum(-1).mean())
+    assert float(distillation_loss(logits, other, 1.0)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_distillation_training_lowers_the_loss_and_packs():
+    teacher, student = make_llama(seed=1), make_llama()  # a different teacher: something to learn
+    names = prepare_qat(student, QuantConfig(group_size=32))
+    assert len(names) == 14 and all(isinstance(student.get_submodule(n), TernaryLinear) for n in names)
+    history = train(student, windows(), TrainConfig(steps=30, batch_size=4, lr=1e-3), teacher=teacher, quiet=True)
+    assert sum(h["loss"] for h in history[-5:]) < 0.8 * sum(h["loss"] for h in history[:5])
+    to_packed(student)
+    assert all(isinstance(student.get_submodule(n), PackedTernaryLinear) for n in names)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
+    config = TrainConfig(steps=6, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=2, checkpoint_every=3)
+    data, teacher = windows(), make_llama(seed=1)
+    straight = make_llama()
+    prepare_qat(straight, QuantConfig())
+    full = train(straight, data, config, teacher=teacher, quiet=True)
+
+    first = make_llama()
+    prepare_qat(first, QuantConfig())
+    partial = _train_until(first, data, config, teacher, tmp_path / "ck", stop_after=3)
+    resumed = make_llama(seed=3)  # different init: everything must come from the checkpoint
+    prepare_qat(resumed, QuantConfig())
+    rest = train(resumed, data, config, teacher=teacher, checkpoint_dir=tmp_path / "ck", quiet=True)
+    assert [h["loss"] for h in partial] == [h["loss"] for h in full[:3]]
+    assert [h["loss"] for h in rest] == [h["loss"] for h in full]
+
+
+def _train_until(model, data, config, teacher, directory, stop_after):
+    """Run ``train`` and kill it (an exception) right after the checkpoint at ``stop_after`` steps."""
+    from atq import io
+
+    real = io.save_checkpoint
+    seen = {}
+
+    def save_then_die(directory, model, optimizer, state):
+        real(directory, model, optimizer, state)
+        if state["step"] == stop_after:
+            seen["history"] = list(state["history"])
+            raise KeyboardInterrupt
+
+    io.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(model, data, config, teacher=teacher, checkpoint_dir=directory, quiet=True)
+    finally:
+        io.save_checkpoint = real
+    return seen["history"]
+
+
+def test_trained_model_saves_and_loads_identically(tmp_path):
+    student = make_llama()
+    prepare_qat(student, QuantConfig())
+    train(student, windows(), TrainConfig(steps=2, batch_size=4), quiet=True)
+    to_packed(student)
+    save_quantized(student, tmp_path / "a")
+    ids = windows(2, 16)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "a")(ids).logits, student(ids).logits)
