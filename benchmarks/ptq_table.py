@@ -24,7 +24,7 @@ from atq import QuantConfig, load_model, quantize, save_quantized
 from atq.bench import directory_bytes, model_stats
 from atq.data import load_text, token_windows
 from atq.evaluate import evaluate_windows
-from atq.io import unique_state_dict
+from atq.io import unique_state_dict, write_json
 
 METHODS: list[tuple[str, QuantConfig]] = [
     ("seed preset (tensor, 0.7 std)", QuantConfig.seed()),
@@ -108,7 +108,7 @@ def main() -> int:
         })
         print(f"{method}: ppl {result['ppl']:.4g} ({seconds:.1f} s)", file=sys.stderr)
         del model
-        write(report | {"rows": merged(rows, previous)}, args.out)  # a run cut short keeps what it measured
+        write_json(args.out, report | {"rows": merged(rows, previous)})  # a run cut short keeps what it measured
     print(markdown_table(report | {"rows": merged(rows, previous)}))
     return 0
 
@@ -118,13 +118,6 @@ def merged(rows: list[dict], previous: list[dict]) -> list[dict]:
     by_method = {row["method"]: row for row in previous} | {row["method"]: row for row in rows}
     order = ["FP32"] + [method for method, _ in METHODS]
     return [by_method[m] for m in order if m in by_method]
-
-
-def write(report: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def markdown_table(report: dict) -> str:

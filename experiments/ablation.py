@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import sys
 import time
@@ -26,6 +25,7 @@ from atq import QuantConfig, load_model, quantize
 from atq.bench import model_stats
 from atq.data import load_text, token_windows
 from atq.evaluate import evaluate_windows
+from atq.io import write_json
 from atq.sensitivity import keep_in_fp, sensitivity
 from atq.surgery import select_linear_layers
 
@@ -49,13 +49,6 @@ def fp_exclusions(model, config: QuantConfig, windows: torch.Tensor, fraction: f
     layers = select_linear_layers(model, config)
     scores = sensitivity(model, layers, config, windows, "gradient", quiet=True)
     return tuple(f"^{re.escape(name)}$" for name in sorted(keep_in_fp(scores, fraction)))
-
-
-def write(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -89,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
                 })
                 print(f"{name:28s} fp {fraction:.1f} sparsity {target} -> ppl {rows[-1]['ppl']:.4g}", file=sys.stderr)
                 del model
-                write(report, Path(args.out))  # after every row: a run cut short keeps what it measured
+                write_json(args.out, report)  # after every row: a run cut short keeps what it measured
     return report
 
 

@@ -19,7 +19,7 @@ from .config import QuantConfig
 from .layers import PackedTernaryLinear
 from .quantizers import fit_planes, keep_top, mean_kept_magnitude, nearest_level, trit_combinations
 from .surgery import decoder_blocks, linear_weight, set_module
-from .ternary import TernaryTensor, expand_group_scales
+from .ternary import TernaryTensor, dense_weight
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,7 @@ class _TunableTernary(nn.Module):
         self.scales = nn.Parameter(tensor.scales.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dense = self.codes * expand_group_scales(self.scales, self.layer.group_size, self.layer.in_features)
-        weight = dense.sum(0) if dense.dim() == 3 else dense
+        weight = dense_weight(self.codes, self.scales, self.layer.group_size, torch.float32)
         return F.linear(x, weight.to(x.dtype), None if self.layer.bias is None else self.layer.bias.to(x.dtype))
 
 

@@ -4,6 +4,7 @@ argument of ``evaluate``)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -180,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     text = None if args.data == "generated" else load_text(args.data)
     device = _device(args.device)
     teacher, tokenizer = load_model(args.model, device=device)
-    student = load_model(args.init, device=device)[0] if args.init else load_model(args.model, device=device)[0]
+    student = load_model(args.init, device=device)[0] if args.init else copy.deepcopy(teacher)
     windows = (generated_windows(teacher, tokenizer, args.windows, args.seq_len, quiet=args.quiet) if text is None
                else token_windows(tokenizer, text, args.seq_len, args.windows))
     prepare_qat(student, getattr(student, "atq_config", None) or QuantConfig())

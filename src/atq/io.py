@@ -11,11 +11,13 @@ The model is rebuilt from the stored HF config, so loading needs neither the hub
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,6 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: An
     if config is None:
         raise ValueError("save_quantized: the model has not been quantized (call atq.quantize first)")
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     tensors, aliases = unique_state_dict(model)
     layers = {
         name: {
@@ -75,8 +76,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: An
     for row in getattr(model, "atq_report", []):
         layers.setdefault(row["name"], {"precision": row["precision"]})
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "atq", "format_version": str(FORMAT_VERSION)})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -98,11 +98,30 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: An
             "files": files,
         }
         (tmp / ARTIFACT_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``directory`` to write into; on success it replaces ``directory``, on any
+    error (a kill included) it is removed and whatever was at ``directory`` stays as it was."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
         _swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _swap_in(tmp: Path, directory: Path) -> None:
@@ -225,15 +244,9 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     The same temp-dir-and-swap as artifacts: a run killed mid-write keeps its previous checkpoint.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
                    tmp / TRAIN_STATE)
-        _swap_in(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

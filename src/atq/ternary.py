@@ -66,13 +66,18 @@ class TernaryTensor:
         return expand_group_scales(scales, self.group_size, self.codes.shape[-1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        dense = self.codes.to(dtype) * self.expanded_scales(dtype)
-        return dense.sum(0) if self.codes.dim() == 3 else dense
+        return dense_weight(self.codes, self.scales, self.group_size, dtype)
 
     def sparsity(self) -> float:
         """Fraction of weights that are exactly zero (all planes zero)."""
         codes = self.codes if self.codes.dim() == 2 else self.codes.abs().sum(0)
         return float((codes == 0).float().mean())
+
+
+def dense_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Σ_planes codes · scales (each column its group's scale) as a dense (out, in) weight in ``dtype``."""
+    dense = codes.to(dtype) * expand_group_scales(scales.to(dtype), group_size, codes.shape[-1])
+    return dense.sum(0) if dense.dim() == 3 else dense
 
 
 def expand_group_scales(scales: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:

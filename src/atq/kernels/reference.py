@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..packing import unpack
-from ..ternary import expand_group_scales
+from ..ternary import dense_weight
 
 
 def dequantize_packed(
@@ -14,9 +14,7 @@ def dequantize_packed(
     layout: str = "2bit",
 ) -> torch.Tensor:
     """Packed codes ([planes,] out, bytes) and scales ([planes,] 1|out, groups) -> dense (out, in)."""
-    codes = unpack(packed, in_features, layout)
-    dense = codes.to(dtype) * expand_group_scales(scales.to(dtype), group_size, in_features)
-    return dense.sum(0) if dense.dim() == 3 else dense
+    return dense_weight(unpack(packed, in_features, layout), scales, group_size, dtype)
 
 
 def ternary_linear(
