@@ -45,6 +45,14 @@ METHODS += [
      CALIBRATED.replace(reconstruct_steps=96, fp_fraction=0.2)),
     ("group 64, calibrated + compensation + block reconstruction, fast (64 windows, 64 steps)",
      CALIBRATED.replace(reconstruct_steps=64, calibration_windows=64)),
+    ("group 64, calibrated + compensation + block reconstruction of scales and latent weights",
+     CALIBRATED.replace(reconstruct_steps=96, reconstruct_weight_lr=1e-5)),
+    ("group 128, 2 planes base-3, reconstruction of scales and latent weights (lr 1e-5)",
+     CALIBRATED.replace(planes=2, packing="base3", group_size=128, reconstruct_steps=256,
+                        reconstruct_weight_lr=1e-5)),
+    ("group 128, 2 planes base-3, reconstruction of scales and latent weights (lr 5e-5)",
+     CALIBRATED.replace(planes=2, packing="base3", group_size=128, reconstruct_steps=256,
+                        reconstruct_weight_lr=5e-5)),
 ]
 
 
@@ -62,7 +70,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="results/ptq_smollm2.json")
     parser.add_argument("--calibration-windows", type=int, default=None, help="override calibration windows")
-    parser.add_argument("--only", default=None, help="run only methods whose name contains this text")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only methods whose name contains one of these texts")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of methods not run now from an existing --out file (the whole table "
                              "takes longer than one 10-minute device call)")
@@ -86,7 +95,7 @@ def main() -> int:
     print(f"FP32: ppl {fp_result['ppl']:.3f}", file=sys.stderr)
 
     for method, config in METHODS:
-        if args.only and args.only not in method:
+        if args.only and not any(text in method for text in args.only):
             continue
         if args.calibration_windows and config.calibration:
             config = config.replace(calibration_windows=args.calibration_windows)

@@ -6,7 +6,8 @@ Methods: the seed preset, weight-only mse, calibrated (sparsity mode, no compens
 compensation, and two trit-planes (calibrated + compensation). Methods without a sparsity knob (seed, mse,
 2 planes) run once per mixed-precision setting. Mixed precision keeps the top fraction of layers by the gradient
 sensitivity score in floating point. ``--max-batches`` caps the evaluation windows (and the calibration windows)
-so the grid fits a GPU session; the JSON records what was used. Writes PNG plots next to the JSON: perplexity vs
+so the grid fits a GPU session; the JSON records what was used. ``--shard I/N`` runs a slice of the grid so
+several processes can share one GPU; ``--combine a.json b.json ... --out all.json`` merges their reports. Writes PNG plots next to the JSON: perplexity vs
 sparsity per method, and perplexity vs bits per weight (the Pareto view).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import re
 import sys
 import time
@@ -51,7 +53,18 @@ def fp_exclusions(model, config: QuantConfig, windows: torch.Tensor, fraction: f
     return tuple(f"^{re.escape(name)}$" for name in sorted(keep_in_fp(scores, fraction)))
 
 
+def jobs(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:
+    """Every (method, FP fraction, sparsity target) of the grid, in report order."""
+    return [(name, fraction, target)
+            for name, (_, has_sparsity) in methods(args.calibration).items()
+            for fraction in args.fp_fractions
+            for target in (args.sparsities if has_sparsity else [None])]
+
+
 def run(args: argparse.Namespace) -> dict:
+    """Run this shard's jobs (every ``count``-th job from ``index``, so shards can share one GPU as separate
+    processes: the calibrated runs are bound by kernel launches, not by the device)."""
+    index, count = (int(part) for part in args.shard.split("/"))
     fp_model, tokenizer = load_model(args.model, device="cpu")
     eval_windows = token_windows(tokenizer, load_text(args.data), args.seq_len, args.max_batches)
     calib_windows = token_windows(tokenizer, load_text(args.calibration), args.seq_len, args.max_batches)
@@ -60,30 +73,43 @@ def run(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     report = {"model": args.model, "device": device, "seq_len": args.seq_len, "windows": len(eval_windows),
               "calibration_windows": len(calib_windows), "fp_ppl": fp_ppl, "rows": rows}
-    for name, (base, has_sparsity) in methods(args.calibration).items():
-        for fraction in args.fp_fractions:
-            exclusions = fp_exclusions(fp_model, base, calib_windows[: args.score_windows], fraction)
-            for target in args.sparsities if has_sparsity else [None]:
-                config = base.replace(exclude=exclusions, calibration_windows=len(calib_windows),
-                                      calibration_seq_len=args.seq_len)
-                if target is not None:
-                    config = config.replace(sparsity=target)
-                model = copy.deepcopy(fp_model)
-                start = time.perf_counter()
-                quantize(model, config, calibration=calib_windows if config.calibration else None, quiet=True)
-                seconds = time.perf_counter() - start
-                stats = model_stats(model)
-                rows.append({
-                    "method": name, "sparsity_target": target, "fp_fraction": fraction,
-                    "ppl": evaluate_windows(model, eval_windows, quiet=True)["ppl"],
-                    "sparsity": stats["sparsity"], "bits_per_weight": stats["bits_per_weight"],
-                    "bits_per_linear_weight": stats["bits_per_linear_weight"], "quant_seconds": seconds,
-                    "config": config.to_dict(),
-                })
-                print(f"{name:28s} fp {fraction:.1f} sparsity {target} -> ppl {rows[-1]['ppl']:.4g}", file=sys.stderr)
-                del model
-                write_json(args.out, report)  # after every row: a run cut short keeps what it measured
+    configs, exclusions = methods(args.calibration), {}
+    done = {_job(row) for path in args.skip for row in json.loads(Path(path).read_text())["rows"]}
+    for name, fraction, target in [job for job in jobs(args) if job not in done][index::count]:
+        base = configs[name][0]
+        if (name, fraction) not in exclusions:
+            exclusions[name, fraction] = fp_exclusions(fp_model, base, calib_windows[: args.score_windows], fraction)
+        config = base.replace(exclude=exclusions[name, fraction], calibration_windows=len(calib_windows),
+                              calibration_seq_len=args.seq_len)
+        if target is not None:
+            config = config.replace(sparsity=target)
+        model = copy.deepcopy(fp_model)
+        start = time.perf_counter()
+        quantize(model, config, calibration=calib_windows if config.calibration else None, quiet=True)
+        seconds = time.perf_counter() - start
+        stats = model_stats(model)
+        rows.append({
+            "method": name, "sparsity_target": target, "fp_fraction": fraction,
+            "ppl": evaluate_windows(model, eval_windows, quiet=True)["ppl"],
+            "sparsity": stats["sparsity"], "bits_per_weight": stats["bits_per_weight"],
+            "bits_per_linear_weight": stats["bits_per_linear_weight"], "quant_seconds": seconds,
+            "config": config.to_dict(),
+        })
+        print(f"{name:28s} fp {fraction:.1f} sparsity {target} -> ppl {rows[-1]['ppl']:.4g}", file=sys.stderr)
+        del model
+        write_json(args.out, report)  # after every row: a run cut short keeps what it measured
     return report
+
+
+def _job(row: dict) -> tuple[str, float, float | None]:
+    return row["method"], row["fp_fraction"], row["sparsity_target"]
+
+
+def combine(paths: list[str], args: argparse.Namespace) -> dict:
+    """One report from shard reports, rows in grid order (a missing job is simply absent)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    by_job = {_job(r): r for rep in reports for r in rep["rows"]}
+    return reports[0] | {"rows": [by_job[job] for job in jobs(args) if job in by_job]}
 
 
 def plot(report: dict, out: Path) -> list[Path]:
@@ -116,6 +142,21 @@ def plot(report: dict, out: Path) -> list[Path]:
     return paths
 
 
+def markdown_table(report: dict) -> str:
+    """Perplexity per (method, FP fraction) row and sparsity-target column, with bits per decoder weight."""
+    rows = report["rows"]
+    targets = sorted({r["sparsity_target"] for r in rows if r["sparsity_target"] is not None})
+    lines = ["| method | FP layers | bits/weight (decoder) | " + " | ".join(
+        [f"sparsity {t:.1f}" for t in targets] + ["no target"]) + " |",
+        "| --- | ---: | ---: | " + " | ".join(["---:"] * (len(targets) + 1)) + " |"]
+    for method, fraction in dict.fromkeys((r["method"], r["fp_fraction"]) for r in rows):
+        cells = {r["sparsity_target"]: r for r in rows if (r["method"], r["fp_fraction"]) == (method, fraction)}
+        bits = next(iter(cells.values()))["bits_per_linear_weight"]
+        values = [f"{cells[t]['ppl']:,.1f}" if t in cells else "" for t in targets + [None]]
+        lines.append(f"| {method} | {fraction:.0%} | {bits:.2f} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -128,17 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp-fractions", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="results/ablation_smollm2.json")
+    parser.add_argument("--shard", default="0/1", help="I/N: run every N-th job of the grid from job I")
+    parser.add_argument("--skip", nargs="+", default=[], help="reports whose jobs are not run again")
+    parser.add_argument("--combine", nargs="+", default=None,
+                        help="shard reports to merge into --out (nothing is run)")
     args = parser.parse_args(argv)
-    report = run(args)
+    report = combine(args.combine, args) if args.combine else run(args)
     out = Path(args.out)
+    if args.combine:
+        write_json(out, report)
     for path in plot(report, out):
         print(f"wrote {path}", file=sys.stderr)
-    print("| method | fp fraction | sparsity target | sparsity | bits/weight (decoder) | perplexity |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in report["rows"]:
-        target = "-" if r["sparsity_target"] is None else f"{r['sparsity_target']:.1f}"
-        print(f"| {r['method']} | {r['fp_fraction']:.1f} | {target} | {r['sparsity']:.3f} | "
-              f"{r['bits_per_linear_weight']:.2f} | {r['ppl']:,.2f} |")
+    print(markdown_table(report))
     return 0
 
 

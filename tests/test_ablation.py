@@ -37,3 +37,19 @@ def test_grid_json_and_plots(tiny_model_dir, text_file, tmp_path, capsys):
     assert (tmp_path / "ablation_sparsity.png").stat().st_size > 1000
     assert (tmp_path / "ablation_pareto.png").stat().st_size > 1000
     assert "| calibrated + compensation |" in capsys.readouterr().out
+
+
+def test_shards_combine_to_the_whole_grid(tiny_model_dir, text_file, tmp_path):
+    script = load_script()
+    common = ["--model", str(tiny_model_dir), "--data", str(text_file), "--calibration", str(text_file),
+              "--seq-len", "16", "--max-batches", "2", "--score-windows", "2", "--sparsities", "0.3", "0.6",
+              "--fp-fractions", "0", "--device", "cpu"]
+    whole = tmp_path / "whole.json"
+    assert script.main(common + ["--out", str(whole)]) == 0
+    shards = [tmp_path / f"shard{i}.json" for i in range(2)]
+    for i, shard in enumerate(shards):
+        assert script.main(common + ["--shard", f"{i}/2", "--out", str(shard)]) == 0
+    combined = tmp_path / "combined.json"
+    assert script.main(common + ["--combine", *map(str, shards), "--out", str(combined)]) == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "quant_seconds"} for r in rows]
+    assert strip(json.loads(combined.read_text())["rows"]) == strip(json.loads(whole.read_text())["rows"])

@@ -134,3 +134,46 @@ def test_sparsity_target_holds_under_compensation():
         plain = gptq_ternary(weight, x.T @ x, group_size=32, sparsity=target, compensate=False)
         # without compensation every group hits the target exactly
         assert plain.sparsity() == pytest.approx(round(target * 32) / 32, abs=1e-9)
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+def test_latent_weights_start_on_the_grid_and_write_back_their_codes(planes):
+    from atq.calibration import _TunableTernary
+    from atq.layers import PackedTernaryLinear
+
+    torch.manual_seed(3)
+    weight, x = torch.randn(12, 40), correlated_inputs(dim=40)
+    layer = PackedTernaryLinear.from_ternary(gptq_ternary(weight, x.T @ x, group_size=16, planes=planes))
+    tunable = _TunableTernary(layer, latent=True)
+    assert torch.equal(tunable.current_codes(), layer.ternary().codes.float())  # training starts at the GPTQ codes
+    assert torch.allclose(tunable(x[:5]), layer(x[:5]), atol=1e-5)
+    before = layer.ternary().codes.clone()
+    with torch.no_grad():
+        tunable.latent.mul_(-1)  # move every latent weight to the opposite level: codes must follow
+    assert torch.equal(tunable.write_back().ternary().codes, -before)
+
+
+def test_latent_weight_reconstruction_beats_scales_only():
+    windows = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(4))
+    reference = make_llama()(windows).logits
+    errors = {}
+    for lr in (0.0, 1e-3):
+        model = make_llama()
+        config = QuantConfig(calibration="given", reconstruct_steps=60, reconstruct_weight_lr=lr)
+        quantize(model, config, calibration=windows, quiet=True)
+        with torch.no_grad():
+            errors[lr] = float(((model(windows).logits - reference) ** 2).mean())
+    assert errors[1e-3] < errors[0.0]
+
+
+def test_latent_weights_from_gptq_rounded_values_reproduce_its_codes():
+    from atq.calibration import _TunableTernary
+    from atq.layers import PackedTernaryLinear
+
+    torch.manual_seed(5)
+    weight, x = torch.randn(16, 48), correlated_inputs(dim=48)
+    tensor = gptq_ternary(weight, x.T @ x, group_size=16, planes=2)
+    assert tensor.rounded.shape == weight.shape and not torch.equal(tensor.rounded, weight)  # compensated values
+    tunable = _TunableTernary(PackedTernaryLinear.from_ternary(tensor), latent=True, start=tensor.rounded)
+    agree = (tunable.current_codes() == tensor.codes.float()).float().mean()
+    assert agree > 0.995  # fp16 storage of the scales may flip an exact tie, nothing more

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .layers import PackedTernaryLinear
+from .packing import pack
 from .quantizers import fit_planes, keep_top, mean_kept_magnitude, nearest_level, trit_combinations
 from .surgery import decoder_blocks, linear_weight, set_module
 from .ternary import TernaryTensor, dense_weight
@@ -82,6 +83,7 @@ def gptq_ternary_batched(
     block_size = max(block_size // group_size, 1) * group_size  # groups never straddle a lazy block
     combos = trit_combinations(planes, device)
     index = torch.zeros(count, rows, n, dtype=torch.long, device=device)
+    rounded = torch.zeros(count, rows, n, device=device)  # the value each column had when it was rounded
     scales = torch.zeros(planes, count, rows, -(-n // group_size), device=device)
     if sparsity is not None and planes != 1:
         raise ValueError("a sparsity target applies to one trit-plane only")
@@ -108,16 +110,19 @@ def gptq_ternary_batched(
                     cutoff = threshold.reshape(count, rows, 1)
                 scales[..., column // group_size] = alpha
                 levels = torch.einsum("kbr,lk->brl", alpha, combos)
+            if not compensate:  # columns are independent: round the whole group at once
+                if column % group_size == 0:
+                    value = block[:, :, i : i + width]
+                    index[:, :, column : column + width] = _round(value, levels, cutoff, sparsity)
+                    rounded[:, :, column : column + width] = value
+                continue
             value = block[:, :, i : i + 1]
-            if sparsity is None:
-                chosen = nearest_level(value, levels)  # (count, rows, 1)
-            else:  # combos are ordered (0, -1, +1)
-                chosen = torch.where(value.abs() > cutoff, torch.where(value > 0, 2, 1), 0)
+            chosen = _round(value, levels, cutoff, sparsity)  # (count, rows, 1)
             index[:, :, column] = chosen.squeeze(-1)
-            if compensate:
-                error = (block[:, :, i] - levels.gather(-1, chosen).squeeze(-1)) / u[:, i, i].unsqueeze(-1)
-                block[:, :, i:] -= error.unsqueeze(-1) * u[:, i, i:].unsqueeze(1)
-                errors[:, :, i] = error
+            rounded[:, :, column] = value.squeeze(-1)
+            error = (block[:, :, i] - levels.gather(-1, chosen).squeeze(-1)) / u[:, i, i].unsqueeze(-1)
+            block[:, :, i:] -= error.unsqueeze(-1) * u[:, i, i:].unsqueeze(1)
+            errors[:, :, i] = error
         if compensate:
             w[:, :, i2:] -= torch.bmm(errors, upper[:, i1:i2, i2:])
     codes = combos[index].permute(3, 0, 1, 2).to(torch.int8)  # (planes, count, rows, n)
@@ -126,8 +131,16 @@ def gptq_ternary_batched(
         out = weight.shape[0]
         c, a = codes[:, b, :out], scales[:, b, :out]
         results.append(TernaryTensor(codes=c[0] if planes == 1 else c, scales=a[0] if planes == 1 else a,
-                                     group_size=group_size))
+                                     group_size=group_size, rounded=rounded[b, :out]))
     return results
+
+
+def _round(values: torch.Tensor, levels: torch.Tensor, cutoff: torch.Tensor, sparsity: float | None) -> torch.Tensor:
+    """Level index of each value: the nearest level, or with a sparsity target the group's threshold rule
+    (combos are ordered (0, -1, +1))."""
+    if sparsity is None:
+        return nearest_level(values, levels)
+    return torch.where(values.abs() > cutoff, torch.where(values > 0, 2, 1), 0)
 
 
 class _StopForward(Exception):
@@ -196,18 +209,49 @@ def accumulate_hessians(
 
 
 class _TunableTernary(nn.Module):
-    """Fixed codes, trainable fp32 scales: the differentiable stand-in for a PackedTernaryLinear while tuning."""
+    """The differentiable stand-in for a PackedTernaryLinear while tuning: trainable fp32 scales and, with
+    ``latent``, trainable latent weights whose codes are re-rounded to the nearest level of the current grid
+    every step (straight-through estimator), as EfficientQAT's Block-AP trains weights and scales together.
 
-    def __init__(self, layer: PackedTernaryLinear) -> None:
+    The latent weights start at ``start`` (GPTQ's compensated values, whose rounding gave the codes) or, without
+    it, on the grid (the dequantized weight): either way training starts from the compensated codes rather than
+    from rounding the FP weights again.
+    """
+
+    def __init__(self, layer: PackedTernaryLinear, latent: bool = False, start: torch.Tensor | None = None) -> None:
         super().__init__()
         tensor = layer.ternary()
         self.layer = layer
         self.register_buffer("codes", tensor.codes.float(), persistent=False)
+        self.register_buffer("combos", trit_combinations(tensor.planes, tensor.codes.device), persistent=False)
         self.scales = nn.Parameter(tensor.scales.float())
+        start = tensor.dequantize(torch.float32) if start is None else start.float().clone()
+        self.latent = nn.Parameter(start) if latent else None
+
+    @torch.no_grad()
+    def current_codes(self) -> torch.Tensor:
+        """Codes of the latent weights on the current grid; the fixed codes when latent weights are off."""
+        if self.latent is None:
+            return self.codes
+        alpha = self.scales if self.codes.dim() == 3 else self.scales.unsqueeze(0)  # (planes, rows, groups)
+        levels = torch.einsum("krg,lk->rgl", alpha, self.combos)
+        levels = levels.repeat_interleave(self.layer.group_size, dim=1)[:, : self.latent.shape[1]]
+        codes = self.combos[(self.latent.unsqueeze(-1) - levels).abs().argmin(-1)].permute(2, 0, 1)
+        return codes if self.codes.dim() == 3 else codes[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dense_weight(self.codes, self.scales, self.layer.group_size, torch.float32)
+        weight = dense_weight(self.current_codes(), self.scales, self.layer.group_size, torch.float32)
+        if self.latent is not None:
+            weight = weight + self.latent - self.latent.detach()
         return F.linear(x, weight.to(x.dtype), None if self.layer.bias is None else self.layer.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def write_back(self) -> PackedTernaryLinear:
+        """Store the tuned scales (and re-rounded codes) in the packed layer and return it."""
+        if self.latent is not None:
+            self.layer.packed.copy_(pack(self.current_codes().to(torch.int8), self.layer.layout))
+        self.layer.scales.copy_(self.scales.to(self.layer.scales.dtype))
+        return self.layer
 
 
 def reconstruct_block(
@@ -216,18 +260,27 @@ def reconstruct_block(
     targets: list[torch.Tensor],
     steps: int,
     lr: float,
+    weight_lr: float = 0.0,
+    starts: dict[str, torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """Tune the block's ternary scales and its other FP parameters (norms, biases, layers kept FP) so the block
-    reproduces the FP block's outputs; returns (loss before, loss after) on the calibration batches."""
-    tunables = {name: _TunableTernary(m) for name, m in block.named_modules() if isinstance(m, PackedTernaryLinear)}
+    reproduces the FP block's outputs; with ``weight_lr`` > 0 the latent weights too (codes may change),
+    starting from ``starts`` (layer name -> GPTQ's rounded values) where given.
+    Returns (loss before, loss after) on the calibration batches."""
+    starts = starts or {}
+    tunables = {name: _TunableTernary(m, latent=weight_lr > 0, start=starts.get(name))
+                for name, m in block.named_modules() if isinstance(m, PackedTernaryLinear)}
     for name, tunable in tunables.items():
         set_module(block, name, tunable)
-    fp_params = [p for n, p in block.named_parameters() if not n.endswith(".scales")]
+    fp_params = [p for n, p in block.named_parameters() if not n.endswith((".scales", ".latent"))]
     saved = {id(p): p.requires_grad for p in fp_params}
     for p in fp_params:
         p.requires_grad_(True)
     params = [t.scales for t in tunables.values()]
-    optimizer = torch.optim.Adam([{"params": params, "lr": lr}, {"params": fp_params, "lr": lr * 0.1}])
+    groups = [{"params": params, "lr": lr}, {"params": fp_params, "lr": lr * 0.1}]
+    if weight_lr > 0:
+        groups.append({"params": [t.latent for t in tunables.values()], "lr": weight_lr})
+    optimizer = torch.optim.Adam(groups)
 
     def loss_on(index: int) -> torch.Tensor:
         hidden, kwargs = batches[index]
@@ -248,8 +301,7 @@ def reconstruct_block(
     with torch.no_grad():
         after = sum(float(loss_on(i)) for i in range(len(batches))) / len(batches)
         for name, tunable in tunables.items():
-            tunable.layer.scales.copy_(tunable.scales.to(tunable.layer.scales.dtype))
-            set_module(block, name, tunable.layer)
+            set_module(block, name, tunable.write_back())
     for p in fp_params:
         p.requires_grad_(saved[id(p)])
     return before, after
@@ -281,7 +333,8 @@ def quantize_block_layers(
             for name in names:
                 rows = weights[name].shape[0]
                 tensors[name] = TernaryTensor(tensor.codes[..., start : start + rows, :],
-                                              tensor.scales[..., start : start + rows, :], tensor.group_size)
+                                              tensor.scales[..., start : start + rows, :], tensor.group_size,
+                                              rounded=tensor.rounded[start : start + rows])
                 start += rows
     return tensors
 
@@ -328,7 +381,8 @@ def calibrated_quantize(
                 )}
             if targets is not None:
                 before, after = reconstruct_block(block, batches, targets, config.reconstruct_steps,
-                                                  config.reconstruct_lr)
+                                                  config.reconstruct_lr, config.reconstruct_weight_lr,
+                                                  {name: tensors[name].rounded for name in tensors})
                 log.info("block %d reconstruction mse %.4g -> %.4g", index, before, after)
         batches = [(out, kw) for out, (_, kw) in zip(run_block(block, batches), batches)]
         if fp_outputs is not None:

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-compensation", action="store_true", help="calibrate without GPTQ error compensation")
     q.add_argument("--reconstruct-steps", type=int, default=defaults.reconstruct_steps,
                    help="block-wise reconstruction steps per decoder block (0: off)")
+    q.add_argument("--reconstruct-weight-lr", type=float, default=defaults.reconstruct_weight_lr,
+                   help="also train latent weights in reconstruction at this learning rate (0: scales only)")
     q.add_argument("--fp-fraction", type=float, default=defaults.fp_fraction,
                    help="fraction of layers kept FP, the most sensitive (needs --calibration)")
     q.add_argument("--sensitivity", choices=["gradient", "measured"], default=defaults.sensitivity)
@@ -101,7 +103,8 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
         include=tuple(args.include), exclude=tuple(args.exclude), planes=args.planes, packing=args.packing,
         calibration=args.calibration, calibration_windows=args.calibration_windows,
         calibration_seq_len=args.calibration_seq_len, compensation=not args.no_compensation,
-        reconstruct_steps=args.reconstruct_steps, fp_fraction=args.fp_fraction, sensitivity=args.sensitivity,
+        reconstruct_steps=args.reconstruct_steps, reconstruct_weight_lr=args.reconstruct_weight_lr,
+        fp_fraction=args.fp_fraction, sensitivity=args.sensitivity,
     )
 
 

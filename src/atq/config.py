@@ -40,7 +40,8 @@ class QuantConfig:
     lazy updates every ``block_size`` columns; ``reconstruct_steps`` > 0 then tunes
     every decoder block's scales against the FP block's output (block-wise reconstruction) at ``reconstruct_lr``;
     ``reconstruct_target`` ``fp``: the FP model's own activations (a block also learns to undo the drift of
-    the blocks before it), ``block``: the FP block applied to the quantized inputs.
+    the blocks before it), ``block``: the FP block applied to the quantized inputs; ``reconstruct_weight_lr``
+    > 0 also trains latent weights through the straight-through estimator, so codes can change (Block-AP).
 
     Mixed precision: ``fp_fraction`` of the selected layers, the most sensitive by the ``sensitivity`` score
     (``gradient``: E[|g ⊙ ΔW|]; ``measured``: loss increase with that layer alone ternarised), stay FP.
@@ -67,6 +68,7 @@ class QuantConfig:
     reconstruct_steps: int = 0
     reconstruct_lr: float = 1e-3
     reconstruct_target: str = "fp"
+    reconstruct_weight_lr: float = 0.0
     fp_fraction: float = 0.0
     sensitivity: str = "gradient"
 
@@ -105,6 +107,8 @@ class QuantConfig:
         _check(_is_real(self.damp) and self.damp > 0, "damp", "a finite number > 0", self.damp)
         _check(_is_real(self.reconstruct_lr) and self.reconstruct_lr > 0, "reconstruct_lr", "a finite number > 0",
                self.reconstruct_lr)
+        _check(_is_real(self.reconstruct_weight_lr) and self.reconstruct_weight_lr >= 0, "reconstruct_weight_lr",
+               "a finite number >= 0", self.reconstruct_weight_lr)
         _check(self.calibration is None or (isinstance(self.calibration, str) and self.calibration != ""),
                "calibration", "None, 'wikitext2_valid', 'generated' or a text file path", self.calibration)
 

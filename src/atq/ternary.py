@@ -22,12 +22,15 @@ class TernaryTensor:
 
     ``scales.shape[-2] == 1`` means one scale row shared by all output rows (per-tensor scale).
     ``thresholds`` (same shape as scales) record the cutoff that produced the codes, for reports only.
+    ``rounded`` (out, in), when set, holds the continuous values whose rounding produced the codes (GPTQ's
+    compensated weights): block reconstruction starts its latent weights there. Never stored in artifacts.
     """
 
     codes: torch.Tensor
     scales: torch.Tensor
     group_size: int
     thresholds: torch.Tensor | None = None
+    rounded: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.codes.dim() not in (2, 3):
