@@ -1,4 +1,5 @@
 import json
+import os
 
 from atq.cli import main
 from atq.io import ARTIFACT_CONFIG
@@ -67,3 +68,50 @@ def test_train_from_a_ptq_artifact_then_eval(tiny_model_dir, text_file, tmp_path
     assert (tmp_path / "qat.ckpt" / "train_state.pt").is_file()
     assert main(["eval", "--model", str(out), "--data", str(text_file), "--seq-len", "16", "--device", "cpu",
                  "--quiet"]) == 0
+
+
+def test_train_data_free_in_timed_segments_with_learned_scales(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "qat"
+    command = ["train", "--model", str(tiny_model_dir), "--data", "generated", "--windows", "4", "--seq-len", "12",
+               "--steps", "3", "--batch-size", "2", "--checkpoint-every", "0", "--learned-scales",
+               "--dead-zone-bias", "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(command + ["--minutes", "0"]) == 0  # the budget ends the first segment after one step
+    assert "time budget spent at step 1/3" in capsys.readouterr().out and not out.exists()
+    assert (tmp_path / "qat.tokens.safetensors").is_file()  # generated once, reused by the next segment
+    assert main(command) == 0
+    assert "loss first / last" in capsys.readouterr().out
+    log = json.loads((tmp_path / "qat.log.json").read_text())
+    assert [h["step"] for h in log["history"]] == [0, 1, 2]
+    assert main(["eval", "--model", str(out), "--data", str(tiny_model_dir / "tokenizer.json"), "--seq-len", "8",
+                 "--max-windows", "2", "--device", "cpu", "--quiet"]) == 0
+
+
+def test_train_under_torchrun_with_two_cpu_processes(tiny_model_dir, text_file, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "qat"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "atq.cli", "train", "--model", str(tiny_model_dir), "--data", str(text_file), "--windows", "8",
+         "--seq-len", "16", "--steps", "2", "--batch-size", "4", "--out", str(out), "--device", "cpu", "--quiet"],
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "qat.log.json").read_text())["world_size"] == 2
+    assert (out / "atq_config.json").is_file()
+
+
+def test_experiment_wrappers_pass_options_through():
+    import importlib.util
+    from pathlib import Path
+
+    for name, model in [("gpt2", "gpt2"), ("tinyllama", "TinyLlama/TinyLlama-1.1B-Chat-v1.0")]:
+        path = Path(__file__).resolve().parents[1] / "experiments" / f"train_atq_{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.argv(["--out", "x"]) == ["train", "--model", model, "--data", "generated", "--learned-scales",
+                                               "--out", "x"]
+        assert module.argv(["--model", "local", "--data", "f.txt"]) == ["train", "--learned-scales", "--model",
+                                                                         "local", "--data", "f.txt"]

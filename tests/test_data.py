@@ -51,3 +51,22 @@ def test_text_shorter_than_one_window(char_tokenizer):
         token_windows(char_tokenizer, "abcdefghij", seq_len=16)
     with pytest.raises(DataError, match="max_windows"):
         token_windows(char_tokenizer, "abcdefghij" * 4, seq_len=16, max_windows=0)
+
+
+def test_generated_token_cache_is_reused_and_regenerated_when_settings_change(tiny_llama, char_tokenizer, tmp_path,
+                                                                            monkeypatch):
+    from atq import data
+
+    calls = []
+    real = data.generated_windows
+    monkeypatch.setattr(data, "generated_windows", lambda *a, **k: calls.append(a[2:4]) or real(*a, **k))
+    cache = tmp_path / "cache" / "tokens.safetensors"
+    first = data.cached_generated_windows(tiny_llama, char_tokenizer, 3, 12, cache, batch_size=2)
+    again = data.cached_generated_windows(tiny_llama, char_tokenizer, 3, 12, cache, batch_size=2)
+    assert torch.equal(first, again) and again.dtype == torch.long and calls == [(3, 12)]
+    assert not list(cache.parent.glob(".*.tmp"))  # written atomically
+    longer = data.cached_generated_windows(tiny_llama, char_tokenizer, 3, 16, cache, batch_size=2)
+    assert longer.shape == (3, 16) and calls == [(3, 12), (3, 16)]
+    cache.write_bytes(b"garbage")  # a corrupted cache is regenerated, not trusted
+    assert data.cached_generated_windows(tiny_llama, char_tokenizer, 3, 16, cache, batch_size=2).shape == (3, 16)
+    assert len(calls) == 3

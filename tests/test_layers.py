@@ -64,3 +64,41 @@ def test_to_packed_equals_direct_packing():
     packed, direct = layer.to_packed().ternary(), ternarize(layer.weight, config)
     assert torch.equal(packed.codes, direct.codes)
     assert torch.equal(packed.scales, direct.scales.half().float())  # stored as fp16
+
+
+def test_learned_scales_get_the_lsq_gradient_and_pack_exactly():
+    torch.manual_seed(0)
+    config = QuantConfig(granularity="group", group_size=8)
+    layer = TernaryLinear(torch.randn(6, 16), None, config, learned_scales=True)
+    assert torch.allclose(layer.scales.detach(), ternarize(layer.weight.detach(), config).scales)
+    x = torch.randn(5, 16)
+    layer(x).sum().backward()
+    # d/dα of α·round(clamp(w/α)) with the STE: round(r) − r inside [-1, 1], sign(r) outside, summed over the group
+    upstream = torch.ones(5, 6).T @ x  # dL/dŴ
+    ratio = (layer.weight / layer.scales.half().float().repeat_interleave(8, 1)).detach()
+    inside = ratio.abs() <= 1
+    per_weight = torch.where(inside, ratio.round() - ratio, ratio.sign()) * upstream
+    assert torch.allclose(layer.scales.grad, per_weight.reshape(6, 2, 8).sum(-1), atol=1e-5)
+    assert torch.allclose(layer.weight.grad, upstream * inside, atol=1e-6)  # clipped weights get no STE gradient
+    with torch.no_grad():
+        assert torch.allclose(layer.to_packed()(x), layer(x), atol=1e-5)
+
+
+def test_dead_zone_bias_gives_zero_coded_weights_a_gradient_and_folds_into_a_bias():
+    torch.manual_seed(1)
+    config = QuantConfig(granularity="row")
+    plain = TernaryLinear(torch.randn(4, 12), None, config)
+    tequila = TernaryLinear(plain.weight.detach(), None, config, dead_zone_bias=True)
+    x = torch.randn(3, 12)
+    for layer in (plain, tequila):
+        layer(x).sum().backward()  # a linear loss: the same upstream gradient for both layers
+    dead = plain.quantized_weight().detach() == 0
+    assert dead.any()
+    # the extra gradient of a dead weight is λ·Σ_t dL/dy_t for its row: real signal, not just the STE's
+    extra = (tequila.weight.grad - plain.weight.grad)[dead]
+    assert torch.allclose(extra, tequila.dead_zone.detach() * len(x) * torch.ones_like(extra))
+    assert tequila.dead_zone.grad is not None
+    assert torch.allclose((tequila.weight.grad - plain.weight.grad)[~dead], torch.zeros(1), atol=1e-6)
+    with torch.no_grad():
+        # recomputed scales are fp32 in training and fp16 once packed: equal to fp16 precision
+        assert torch.allclose(tequila.to_packed()(x), tequila(x), rtol=2e-3, atol=1e-4)

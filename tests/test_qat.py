@@ -100,3 +100,65 @@ def test_trained_model_saves_and_loads_identically(tmp_path):
     ids = windows(2, 16)
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "a")(ids).logits, student(ids).logits)
+
+
+def _distributed_worker(rank: int, world: int, directory: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{directory}/rendezvous")
+    try:
+        torch.set_num_threads(1)
+        student, teacher = make_llama(), make_llama(seed=1)
+        prepare_qat(student, QuantConfig())
+        history = train(student, windows(), TrainConfig(steps=3, batch_size=4, grad_accum=2, lr=1e-3),
+                        teacher=teacher, quiet=True)
+        if rank == 0:
+            torch.save({"losses": [h["loss"] for h in history], "state": student.state_dict()},
+                       f"{directory}/result.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    single, teacher = make_llama(), make_llama(seed=1)
+    prepare_qat(single, QuantConfig())
+    history = train(single, windows(), TrainConfig(steps=3, batch_size=4, grad_accum=2, lr=1e-3), teacher=teacher,
+                    quiet=True)
+    assert result["losses"] == pytest.approx([h["loss"] for h in history], rel=1e-5)
+    for name, value in single.state_dict().items():
+        assert torch.allclose(result["state"][name], value, atol=1e-5), name
+
+
+def test_time_budget_stops_with_a_checkpoint_that_resumes_the_same_run(tmp_path):
+    config = TrainConfig(steps=4, batch_size=4, lr=1e-3)
+    data, teacher = windows(), make_llama(seed=1)
+    straight = make_llama()
+    prepare_qat(straight, QuantConfig())
+    full = train(straight, data, config, teacher=teacher, quiet=True)
+    seen = []
+    segmented = make_llama()
+    prepare_qat(segmented, QuantConfig())
+    log = tmp_path / "log.json"
+    first = train(segmented, data, config, teacher=teacher, checkpoint_dir=tmp_path / "ck", quiet=True,
+                  max_seconds=0.0, on_step=lambda done, seconds: seen.append(done), log_path=log)
+    assert len(first) == 1 and seen == [1]  # the budget is spent after one step: stop, checkpoint, return
+    import json
+
+    assert [h["step"] for h in json.loads(log.read_text())["history"]] == [0]
+    rest = train(segmented, data, config, teacher=teacher, checkpoint_dir=tmp_path / "ck", quiet=True)
+    assert [h["loss"] for h in rest] == [h["loss"] for h in full]
+    assert all(h["tokens_per_s"] > 0 for h in rest) and rest[-1]["tokens"] == 4 * 4 * 24
+
+
+def test_hidden_state_distillation_adds_a_term():
+    from atq.qat import _step_loss
+
+    student, teacher = make_llama(), make_llama(seed=1)
+    batch = windows(2, 16)
+    logits_only = _step_loss(student, teacher, batch, TrainConfig(steps=1))
+    with_hidden = _step_loss(student, teacher, batch, TrainConfig(steps=1, hidden_weight=1.0))
+    assert float(with_hidden) > float(logits_only) > 0

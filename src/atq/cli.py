@@ -82,9 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, default=10)
     t.add_argument("--no-teacher", action="store_true", help="plain next-token loss, no distillation")
     t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--minutes", type=float, default=None,
+                   help="stop after this much training time (with a checkpoint; run again to continue)")
+    t.add_argument("--learned-scales", action="store_true", help="LSQ-learned scales instead of recomputed ones")
+    t.add_argument("--dead-zone-bias", action="store_true", help="Tequila: zero-coded weights feed a bias")
+    t.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE term")
+    t.add_argument("--compile", action="store_true", help="torch.compile student and teacher (slow start)")
+    t.add_argument("--cache", default=None,
+                   help="token cache for generated data (default OUT.tokens.safetensors), reused across runs")
     t.add_argument("--out", required=True, help="artifact directory; checkpoints go to OUT.ckpt")
     t.add_argument("--device", default="auto")
     t.add_argument("--quiet", action="store_true")
+
+    x = commands.add_parser("export", help="write an artifact in a format other runtimes load")
+    x.add_argument("--model", required=True, help="ATQ artifact directory")
+    x.add_argument("--format", choices=["gguf", "hf"], required=True,
+                   help="gguf: llama.cpp (TQ2_0/TQ1_0); hf: transformers' BitNet checkpoint")
+    x.add_argument("--out", required=True, help="output file (gguf) or directory (hf)")
+    x.add_argument("--metadata-from", default=None,
+                   help="gguf: copy metadata and tokenizer from this GGUF ('smollm2': the bundled one)")
+    x.add_argument("--ternary-type", choices=["tq2_0", "tq1_0"], default="tq2_0")
+    x.add_argument("--fallback", choices=["q8_0", "f16"], default="q8_0",
+                   help="gguf type of ternary tensors that TQ blocks cannot hold exactly")
+    x.add_argument("--dequantize", action="store_true",
+                   help="hf: write plain FP safetensors when the layout is not BitNet's (no compression)")
 
     e = commands.add_parser("eval", help="perplexity and token accuracy of a model or artifact")
     e.add_argument("--model", required=True, help="artifact dir, hub id, local dir, .gguf, or smollm2")
@@ -174,35 +195,122 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data import generated_windows, load_text, token_windows
+    from .data import cached_generated_windows, load_text, token_windows
     from .io import save_quantized
     from .models import load_model
     from .qat import TrainConfig, prepare_qat, to_packed, train
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                         warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every)
+                         warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
+                         hidden_weight=args.hidden_weight, compile=args.compile)
     text = None if args.data == "generated" else load_text(args.data)
-    device = _device(args.device)
+    rank, device = _init_distributed(args.device)
     teacher, tokenizer = load_model(args.model, device=device)
     student = load_model(args.init, device=device)[0] if args.init else copy.deepcopy(teacher)
-    windows = (generated_windows(teacher, tokenizer, args.windows, args.seq_len, quiet=args.quiet) if text is None
-               else token_windows(tokenizer, text, args.seq_len, args.windows))
-    prepare_qat(student, getattr(student, "atq_config", None) or QuantConfig())
+    if text is None:
+        cache = args.cache or f"{args.out}.tokens.safetensors"
+        if rank == 0:  # one process samples; the others read the cache it writes
+            windows = cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, cache, quiet=args.quiet)
+        _barrier()
+        if rank != 0:
+            windows = cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, cache, quiet=True)
+    else:
+        windows = token_windows(tokenizer, text, args.seq_len, args.windows)
+    prepare_qat(student, getattr(student, "atq_config", None) or QuantConfig(),
+                learned_scales=args.learned_scales, dead_zone_bias=args.dead_zone_bias)
     history = train(student, windows, config, teacher=None if args.no_teacher else teacher,
-                    checkpoint_dir=f"{args.out}.ckpt", quiet=args.quiet)
-    to_packed(student)
-    save_quantized(student, args.out, tokenizer=tokenizer)
-    print(_table([("steps", str(config.steps)), ("windows", f"{len(windows)}x{args.seq_len}"),
-                  ("loss first / last", f"{history[0]['loss']:.4f} / {history[-1]['loss']:.4f}"),
-                  ("artifact", args.out)]))
+                    checkpoint_dir=f"{args.out}.ckpt", quiet=args.quiet,
+                    max_seconds=None if args.minutes is None else args.minutes * 60,
+                    log_path=f"{args.out}.log.json")
+    done = history[-1]["step"] + 1
+    if done < config.steps:
+        if rank == 0:
+            print(f"atq train: time budget spent at step {done}/{config.steps}; checkpoint in {args.out}.ckpt, "
+                  "run the same command again to continue")
+        return 0
+    if rank == 0:
+        to_packed(student)
+        save_quantized(student, args.out, tokenizer=tokenizer)
+        rates = sorted(h["tokens_per_s"] for h in history)
+        print(_table([("steps", str(config.steps)), ("windows", f"{len(windows)}x{args.seq_len}"),
+                      ("loss first / last", f"{history[0]['loss']:.4f} / {history[-1]['loss']:.4f}"),
+                      ("tokens/s (median)", f"{rates[len(rates) // 2]:,.0f}"),
+                      ("artifact", args.out), ("log", f"{args.out}.log.json")]))
     return 0
+
+
+def _init_distributed(device: str) -> tuple[int, str]:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU)
+    and return (rank, this process's device); otherwise (0, the usual device)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, _device(device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), f"cuda:{local}" if use_cuda else "cpu"
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .io import load_quantized
+
+    model = load_quantized(args.model)
+    if args.format == "gguf":
+        from .export.gguf import export_gguf
+        from .models import smollm2
+
+        source = str(smollm2()) if args.metadata_from == "smollm2" else args.metadata_from
+        report = export_gguf(model, args.out, metadata_from=source, tokenizer_dir=args.model,
+                             ternary_type=args.ternary_type, fallback=args.fallback)
+        types: dict[str, int] = {}
+        for kind in report["tensors"].values():
+            types[kind] = types.get(kind, 0) + 1
+        print(_table([("file", f"{report['path']} ({report['bytes'] / 2**20:.1f} MiB)"),
+                      ("tensor types", ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))),
+                      ("ternary layers that fell back", f"{len(report['fallback'])} of "
+                       f"{len(report['fallback']) + sum(1 for v in report['tensors'].values() if v.startswith('TQ'))}"),
+                      ("bits per ternary weight", f"{report['bits_per_ternary_weight']:.3f}")]))
+        return 0
+    from .export.hf import export_hf
+
+    report = export_hf(model, args.out, dequantize=args.dequantize)
+    print(_table([(k, str(v)) for k, v in report.items()]))
+    return 0
+
+
+def with_defaults(command: str, defaults: list[str], extra: list[str]) -> list[str]:
+    """``[command, *defaults, *extra]`` minus the default options that ``extra`` sets itself: the command line of
+    a thin wrapper script (experiments/) that presets options but lets every one be overridden."""
+    given = {arg for arg in extra if arg.startswith("--")}
+    kept, i = [], 0
+    while i < len(defaults):
+        takes_value = i + 1 < len(defaults) and not defaults[i + 1].startswith("--")
+        if defaults[i] not in given:
+            kept += defaults[i : i + 1 + takes_value]
+        i += 1 + takes_value
+    return [command, *kept, *extra]
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "train": cmd_train}[args.command](args)
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "train": cmd_train,
+                "export": cmd_export}[args.command](args)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
         print(f"atq {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -114,3 +114,38 @@ def generated_windows(
         )
         windows.append(tokens[:, :seq_len].cpu())
     return torch.cat(windows)
+
+
+def cached_generated_windows(
+    model, tokenizer, n_windows: int, seq_len: int, cache: str | os.PathLike, batch_size: int = 32,
+    seed: int = 0, quiet: bool = False,
+) -> torch.Tensor:
+    """``generated_windows`` written once to ``cache`` (safetensors, int32 tokens) and read back afterwards.
+
+    Sampling is the slow part of data-free training and every resumed segment or extra process needs the same
+    windows: the file records (windows, length, seed, model), so a cache made for other settings is regenerated,
+    never silently reused. The write is atomic (temp file + rename): a killed run leaves no half file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache)
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "")) or type(model).__name__
+    meta = {"windows": str(n_windows), "seq_len": str(seq_len), "seed": str(seed), "model": source}
+    if path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:
+                stored = handle.metadata() or {}
+            if stored == meta:
+                return load_file(str(path))["tokens"].long()
+            log.info("%s was generated with %s, not %s: regenerating", path, stored, meta)
+        except (SafetensorError, OSError) as error:
+            log.warning("%s is unreadable (%s): regenerating", path, error)
+    tokens = generated_windows(model, tokenizer, n_windows, seq_len, batch_size, seed, quiet)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"tokens": tokens.to(torch.int32).contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return tokens

@@ -13,7 +13,7 @@ from .config import QuantConfig
 from .kernels import dequantize_packed, ternary_linear
 from .packing import pack, packed_bytes, unpack
 from .quantizers import ternarize
-from .ternary import TernaryTensor
+from .ternary import TernaryTensor, expand_group_scales
 
 SCALE_DTYPE = torch.float16  # scales are stored (and computed with) in fp16: what the artifact holds
 
@@ -89,22 +89,75 @@ def straight_through(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
 
 
 class TernaryLinear(nn.Module):
-    """Training layer: a latent FP weight re-ternarised every forward; gradients pass straight through."""
+    """Training layer: a latent FP weight ternarised every forward; gradients pass straight through.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, config: QuantConfig) -> None:
+    Scales are either *recomputed* from the latent weights each step by ``config``'s rule (the threshold and
+    scale follow the weights), or *learned* (``learned_scales``): one trainable scale per row/group, codes
+    round(clamp(w/α, -1, 1)) and an LSQ-style gradient for α (ParetoQ's choice for ternary), initialised from
+    ``config``'s fit. ``dead_zone_bias`` (Tequila) adds λ·Σ of each row's zero-coded latent weights as a
+    bias: weights trapped in the dead zone then get a real gradient instead of only the STE's noise, and at
+    inference the term is a constant bias vector (folded in by ``to_packed``).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        config: QuantConfig,
+        learned_scales: bool = False,
+        dead_zone_bias: bool = False,
+    ) -> None:
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"TernaryLinear expects a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+        if learned_scales and config.planes != 1:
+            raise ValueError("learned scales support one trit-plane only")
         self.out_features, self.in_features = weight.shape
         self.config = config
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.scales = self.group_size = None
+        if learned_scales:
+            fitted = ternarize(self.weight.detach(), config)
+            self.group_size = fitted.group_size
+            self.scales = nn.Parameter(fitted.scales.clone())
+        self.dead_zone = nn.Parameter(torch.tensor(1e-3)) if dead_zone_bias else None
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The ternary weight of the forward pass, differentiable through the straight-through estimator."""
+        if self.scales is None:
+            return straight_through(self.weight, self.config)
+        alpha = self.scales.abs().clamp(min=1e-8)
+        alpha = alpha + (alpha.to(SCALE_DTYPE).float() - alpha).detach()  # forward sees the stored fp16 scale
+        alpha = expand_group_scales(alpha, self.group_size, self.in_features)
+        ratio = (self.weight / alpha).clamp(-1, 1)
+        return alpha * (ratio + (ratio.round() - ratio).detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, straight_through(self.weight, self.config).to(x.dtype), self.bias)
+        weight = self.quantized_weight()
+        bias = self.bias
+        if self.dead_zone is not None:
+            dead = self.dead_zone * (self.weight * (weight.detach() == 0)).sum(-1)
+            bias = dead if bias is None else bias + dead
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
+    @torch.no_grad()
+    def to_ternary(self) -> TernaryTensor:
+        if self.scales is None:
+            return ternarize(self.weight, self.config)
+        alpha = self.scales.abs().clamp(min=1e-8).to(SCALE_DTYPE).float()
+        codes = (self.weight / expand_group_scales(alpha, self.group_size, self.in_features)).clamp(-1, 1).round()
+        return TernaryTensor(codes.to(torch.int8), alpha.clone(), self.group_size)
+
+    @torch.no_grad()
     def to_packed(self) -> PackedTernaryLinear:
-        return PackedTernaryLinear.from_ternary(ternarize(self.weight, self.config), self.bias, self.config.packing)
+        tensor = self.to_ternary()
+        bias = None if self.bias is None else self.bias.detach().clone()
+        if self.dead_zone is not None:
+            dead = self.dead_zone * (self.weight * (tensor.dequantize() == 0)).sum(-1)
+            bias = dead if bias is None else bias + dead
+        return PackedTernaryLinear.from_ternary(tensor, bias, self.config.packing)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.config.mode}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.config.mode}, "
+                f"learned_scales={self.scales is not None}, dead_zone_bias={self.dead_zone is not None}")

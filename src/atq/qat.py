@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One training run. ``batch_size`` windows per micro-batch (the *global* micro-batch: under torch.distributed
+    each of the W processes takes every W-th window of it), ``grad_accum`` micro-batches per step.
+    ``hidden_weight`` > 0 adds that times the mean MSE between student and teacher hidden states to the logit
+    KL; ``compile`` runs student and teacher through ``torch.compile``."""
+
     steps: int
     batch_size: int = 8
     grad_accum: int = 1
@@ -38,6 +45,8 @@ class TrainConfig:
     temperature: float = 1.0
     seed: int = 0
     checkpoint_every: int = 0
+    hidden_weight: float = 0.0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -46,21 +55,38 @@ class TrainConfig:
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.hidden_weight >= 0:
+            raise ValueError(f"TrainConfig.hidden_weight must be >= 0, got {self.hidden_weight!r}")
 
 
-def prepare_qat(model: nn.Module, config: QuantConfig) -> list[str]:
+def prepare_qat(
+    model: nn.Module, config: QuantConfig, learned_scales: bool = False, dead_zone_bias: bool = False
+) -> list[str]:
     """Replace the selected linear layers by TernaryLinear (latent FP weights, STE), in place.
 
     A model loaded from a PTQ artifact is trained from its ternary layers: their dequantized weights become
-    the latent weights, so training starts where post-training quantization ended.
+    the latent weights, so training starts where post-training quantization ended (with learned scales, at the
+    artifact's own scales: the dequantized weights re-fit to them exactly). See TernaryLinear for the options.
     """
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedTernaryLinear)}
     layers = packed or select_linear_layers(model, config)
     for name, module in layers.items():
         weight = module.dequantize(torch.float32) if name in packed else linear_weight(module).detach()
-        set_module(model, name, TernaryLinear(weight, getattr(module, "bias", None), config).to(weight.device))
+        layer = TernaryLinear(weight, getattr(module, "bias", None), config, learned_scales, dead_zone_bias)
+        if learned_scales and name in packed:
+            layer = _with_artifact_scales(layer, module)
+        set_module(model, name, layer.to(weight.device))
     model.atq_config = config
     return list(layers)
+
+
+def _with_artifact_scales(layer: TernaryLinear, packed: PackedTernaryLinear) -> TernaryLinear:
+    """Start learned scales at a PTQ layer's own (one-plane) scales and group size."""
+    if packed.planes != 1:
+        raise ValueError("learned scales start from one-plane artifacts only")
+    layer.group_size = packed.group_size
+    layer.scales = nn.Parameter(packed.scales.float().clone())
+    return layer
 
 
 def to_packed(model: nn.Module) -> list[dict[str, Any]]:
@@ -103,13 +129,43 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def _step_loss(student: nn.Module, teacher: nn.Module | None, batch: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    hidden = config.hidden_weight > 0 and teacher is not None
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.is_cuda):
-        logits = student(input_ids=batch).logits
+        output = student(input_ids=batch, output_hidden_states=hidden)
+        logits = output.logits
         if teacher is None:
             return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         with torch.no_grad():
-            target = teacher(input_ids=batch).logits
-    return distillation_loss(logits, target, config.temperature)
+            target = teacher(input_ids=batch, output_hidden_states=hidden)
+    loss = distillation_loss(logits, target.logits, config.temperature)
+    if hidden:
+        pairs = list(zip(output.hidden_states[1:], target.hidden_states[1:]))
+        loss = loss + config.hidden_weight * sum(F.mse_loss(s.float(), t.float()) for s, t in pairs) / len(pairs)
+    return loss
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """All-reduce the gradients as one flat buffer and divide by the world size: every process then steps
+    with the gradient of the global batch (each process's loss is the mean over an equal share of it)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g)
+        offset += g.numel()
 
 
 def train(
@@ -119,44 +175,92 @@ def train(
     teacher: nn.Module | None = None,
     checkpoint_dir: str | Path | None = None,
     quiet: bool = False,
+    max_seconds: float | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    log_path: str | Path | None = None,
 ) -> list[dict[str, float]]:
     """Train ``student`` (after ``prepare_qat``) on token ``windows``; resumes from ``checkpoint_dir`` if it
-    holds a checkpoint. Returns the per-step log (step, loss, lr)."""
-    from .io import load_checkpoint, save_checkpoint
+    holds a checkpoint. Returns the per-step log (step, loss, lr, tokens, seconds, tokens_per_s).
 
+    ``max_seconds`` stops early (with a checkpoint) once that much training time has passed in this call: the
+    schedule still spans ``config.steps``, so a later call resumes it. ``on_step(steps_done, train_seconds)``
+    runs after every step, outside the timed region (evaluations for a curve). ``log_path`` gets the log as
+    JSON at every checkpoint and at the end. Under torch.distributed (initialised by the caller, e.g. torchrun)
+    gradients are averaged over processes and only rank 0 writes files.
+    """
+    from .io import load_checkpoint, save_checkpoint, write_json
+
+    rank, world = _world()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
     device = next(student.parameters()).device
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    start, history = 0, []
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda" or None)
+    start, history, trained = 0, [], 0.0
     if checkpoint_dir is not None and (Path(checkpoint_dir) / "train_state.pt").is_file():
         state = load_checkpoint(checkpoint_dir, student, optimizer)
         if state["config"] != asdict(config):
             raise ValueError(f"{checkpoint_dir}: checkpoint was written with a different TrainConfig")
         start, history = state["step"], state["history"]
+        trained = history[-1]["seconds"] if history else 0.0
+        torch.set_rng_state(state["rng"])
     if teacher is not None:
         teacher.eval()
     student.train()
-    bar = tqdm(range(start, config.steps), desc="qat", disable=quiet, unit="step", initial=start, total=config.steps)
+    forward = torch.compile(student) if config.compile else student
+    teacher_forward = torch.compile(teacher) if config.compile and teacher is not None else teacher
+
+    def checkpoint(done: int) -> None:
+        if rank == 0:
+            if checkpoint_dir is not None:
+                save_checkpoint(checkpoint_dir, student, optimizer, {
+                    "step": done, "history": history, "config": asdict(config), "rng": torch.get_rng_state()})
+            if log_path is not None:
+                write_json(log_path, {"config": asdict(config), "world_size": world, "history": history})
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    tokens_per_step = config.batch_size * config.grad_accum * windows.shape[1]
+    bar = tqdm(range(start, config.steps), desc="qat", disable=quiet or rank != 0, unit="step", initial=start,
+               total=config.steps)
+    began = time.perf_counter()
     for step in bar:
+        tick = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for micro in range(config.grad_accum):
-            batch = windows[batch_indices(step, micro, len(windows), config)].to(device)
-            loss = _step_loss(student, teacher, batch, config) / config.grad_accum
+            batch = windows[batch_indices(step, micro, len(windows), config)[rank::world]].to(device)
+            loss = _step_loss(forward, teacher_forward, batch, config) / config.grad_accum
             loss.backward()
-            total += float(loss.detach())
+            total += loss.detach()
+        if world > 1:
+            import torch.distributed as dist
+
+            _average_gradients(params, world)
+            dist.all_reduce(total)
+            total /= world
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
-        history.append({"step": step, "loss": total, "lr": optimizer.param_groups[0]["lr"]})
-        bar.set_postfix(loss=f"{total:.4f}")
+        value = float(total)  # synchronises: the step's time below is real
+        trained += time.perf_counter() - tick
         done = step + 1
-        if checkpoint_dir is not None and config.checkpoint_every and (
-            done % config.checkpoint_every == 0 or done == config.steps
-        ):
-            save_checkpoint(checkpoint_dir, student, optimizer,
-                            {"step": done, "history": history, "config": asdict(config)})
+        history.append({"step": step, "loss": value, "lr": optimizer.param_groups[0]["lr"],
+                        "tokens": done * tokens_per_step, "seconds": trained,
+                        "tokens_per_s": tokens_per_step / max(time.perf_counter() - tick, 1e-9)})
+        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{history[-1]['tokens_per_s']:,.0f}")
+        out_of_time = max_seconds is not None and time.perf_counter() - began >= max_seconds
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps or out_of_time:
+            checkpoint(done)
+        if on_step is not None:
+            on_step(done, trained)
+        if out_of_time:
+            log.info("stopping after %d steps: time budget of %.0f s spent", done, max_seconds)
+            break
     student.eval()
     return history

@@ -1,0 +1,24 @@
+"""QAT of GPT-2 (124M, Conv1D layers) with distillation from its FP self: a thin wrapper over `atq train`.
+
+    python experiments/train_atq_gpt2.py --out out/gpt2-qat [any other `atq train` option]
+
+Defaults: the hub model `gpt2` (needs the hub or a local copy: pass --model DIR), data-free (text the
+model generates, cached next to --out), learned scales. Every option of `atq train --help` passes through;
+for several GPUs run it under `torchrun --nproc_per_node N`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from atq.cli import main, with_defaults
+
+DEFAULTS = ["--model", "gpt2", "--data", "generated", "--learned-scales"]
+
+
+def argv(extra: list[str]) -> list[str]:
+    return with_defaults("train", DEFAULTS, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main(argv(sys.argv[1:])))
