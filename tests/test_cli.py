@@ -115,3 +115,17 @@ def test_experiment_wrappers_pass_options_through():
                                                "--out", "x"]
         assert module.argv(["--model", "local", "--data", "f.txt"]) == ["train", "--learned-scales", "--model",
                                                                          "local", "--data", "f.txt"]
+
+
+def test_export_bitnet_artifact_to_transformers_and_refuse_gguf_without_bpe(tiny_model_dir, tmp_path, capsys):
+    artifact = tmp_path / "bitnet"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--preset", "bitnet", "--out", str(artifact),
+                 "--device", "cpu", "--quiet"]) == 0
+    assert main(["export", "--model", str(artifact), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert "transformers bitnet" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    # the tiny model's word-level tokenizer has no GGUF form: a clear error, no file
+    assert main(["export", "--model", str(artifact), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
+    assert "BPE" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
+    assert main(["export", "--model", str(tiny_model_dir), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
+    assert "not an ATQ artifact" in capsys.readouterr().err

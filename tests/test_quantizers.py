@@ -113,3 +113,13 @@ def test_non_finite_weights_are_refused(bad):
 def test_non_2d_weight_is_refused():
     with pytest.raises(ValueError, match="2-D"):
         ternarize(torch.randn(4, 4, 4), QuantConfig())
+
+
+def test_absmean_is_bitnet_b158_weight_quantization():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 40) * 0.05
+    gamma = weight.abs().mean()
+    expected = (weight / gamma).round().clamp(-1, 1) * gamma  # BitNet b1.58's RoundClip(W/γ)·γ
+    tensor = ternarize(weight, QuantConfig.bitnet())
+    assert tensor.scales.shape == (1, 1)
+    assert torch.allclose(tensor.dequantize(), expected, atol=1e-7)

@@ -50,3 +50,20 @@ def test_quantize_save_load_gives_identical_logits(smollm2_model, tmp_path):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_gguf_q_k_row_order_matches_llama_cpp(smollm2_model):
+    """Our permutation applied to transformers' (un-permuted) q/k reproduces the source GGUF's own tensors."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from atq.export.gguf import permute_rows
+    from atq.models import smollm2
+
+    model, _ = smollm2_model
+    tensors = {t.name: t for t in gguf.GGUFReader(smollm2()).tensors}
+    for name, hf, heads in [("attn_q", "q_proj", 9), ("attn_k", "k_proj", 3)]:
+        stored = tensors[f"blk.3.{name}.weight"]
+        source = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(stored.data, stored.tensor_type)))
+        ours = permute_rows(getattr(model.model.layers[3].self_attn, hf).weight.detach(), heads)
+        assert torch.allclose(source.reshape(ours.shape), ours, atol=1e-6)

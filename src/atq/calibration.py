@@ -371,7 +371,8 @@ def calibrated_quantize(
             weights = {name: linear_weight(module).detach() for name, module in block_layers.items()}
             tensors = quantize_block_layers(weights, hessians, config)
             for name, module in block_layers.items():
-                packed = PackedTernaryLinear.from_ternary(tensors[name], getattr(module, "bias", None), config.packing)
+                packed = PackedTernaryLinear.from_ternary(tensors[name], getattr(module, "bias", None), config.packing,
+                                                    config.activations)
                 set_module(block, name, packed.to(weights[name].device))
                 delta = weights[name].float() - packed.dequantize(torch.float32)
                 hessian, weight = hessians[name], weights[name].float()

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = commands.add_parser("quantize", help="ternarise a model and save a packed artifact")
     q.add_argument("--model", default="smollm2", help="hub id, local dir, .gguf file, or smollm2 (default)")
-    q.add_argument("--preset", choices=["seed"], default=None, help="seed: the seed project's recipe")
+    q.add_argument("--preset", choices=["seed", "bitnet"], default=None,
+                   help="seed: the seed project's recipe; bitnet: per-tensor absmean, int8 activations (W1.58A8)")
     defaults = QuantConfig()
     q.add_argument("--mode", choices=MODES, default=defaults.mode)
     q.add_argument("--sparsity", type=float, default=defaults.sparsity)
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from_args(args: argparse.Namespace) -> QuantConfig:
     if args.preset == "seed":
         return QuantConfig.seed()
+    if args.preset == "bitnet":
+        return QuantConfig.bitnet()
     return QuantConfig(
         mode=args.mode, sparsity=args.sparsity, threshold=args.threshold, alpha=args.alpha,
         granularity=args.granularity, group_size=args.group_size,
@@ -266,9 +269,11 @@ def _barrier() -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .io import load_quantized
+    from .models import load_model
 
-    model = load_quantized(args.model)
+    model, tokenizer = load_model(args.model)
+    if not hasattr(model, "atq_config"):
+        raise ValueError(f"{args.model} is not an ATQ artifact (quantize it with `atq quantize` first)")
     if args.format == "gguf":
         from .export.gguf import export_gguf
         from .models import smollm2
@@ -279,15 +284,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         types: dict[str, int] = {}
         for kind in report["tensors"].values():
             types[kind] = types.get(kind, 0) + 1
+        exact = sum(1 for v in report["tensors"].values() if v.startswith("TQ"))
         print(_table([("file", f"{report['path']} ({report['bytes'] / 2**20:.1f} MiB)"),
                       ("tensor types", ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))),
-                      ("ternary layers that fell back", f"{len(report['fallback'])} of "
-                       f"{len(report['fallback']) + sum(1 for v in report['tensors'].values() if v.startswith('TQ'))}"),
+                      ("ternary layers that fell back", f"{len(report['fallback'])} of {len(report['fallback']) + exact}"),
                       ("bits per ternary weight", f"{report['bits_per_ternary_weight']:.3f}")]))
         return 0
     from .export.hf import export_hf
 
-    report = export_hf(model, args.out, dequantize=args.dequantize)
+    report = export_hf(model, args.out, dequantize=args.dequantize, tokenizer=tokenizer)
     print(_table([(k, str(v)) for k, v in report.items()]))
     return 0
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-MODES = ("sparsity", "magnitude", "mse")
+MODES = ("sparsity", "magnitude", "mse", "absmean")
 GRANULARITIES = ("tensor", "row", "group")
 
 
@@ -23,12 +23,15 @@ class QuantConfig:
     mode:
         ``sparsity``  zero the ``sparsity`` fraction of smallest-|w| weights in each scale group;
         ``magnitude`` zero |w| <= ``threshold`` (absolute) or, when ``threshold`` is None, |w| <= ``alpha``·std(W);
-        ``mse``       the threshold minimising ||W - α·T||² exactly, per scale group.
+        ``mse``       the threshold minimising ||W - α·T||² exactly, per scale group;
+        ``absmean``   BitNet b1.58: α = mean |w| of the group, codes round(clamp(w/α, -1, 1)).
     granularity: one scale per ``tensor``, per output ``row``, or per ``group`` of ``group_size`` inputs.
     include / exclude: regular expressions matched (``re.search``) against module names; the output
         embedding (LM head) is never ternarised unless ``quantize_head`` is set.
     planes: trit-planes per weight, W ≈ Σ_k α_k·T_k (PTQTP); each plane costs its codes plus its scales.
     packing: ``2bit`` (4 trits a byte, fast to unpack) or ``base3`` (5 trits a byte, 1.6 bits a trit).
+    activations: ``fp``, or ``int8``: every ternary layer's input is quantized to int8 per token (absmax), as
+        BitNet runtimes do (transformers' BitLinear); the accuracy then is the one such runtimes give.
 
     With calibration, ``sparsity`` mode keeps its per-group zero fraction (thresholds refitted on the compensated
     weights); the other modes round each column to the nearest level of the group's fitted grid.
@@ -59,6 +62,7 @@ class QuantConfig:
     quantize_head: bool = False
     planes: int = 1
     packing: str = "2bit"
+    activations: str = "fp"
     calibration: str | None = None
     calibration_windows: int = 128
     calibration_seq_len: int = 2048
@@ -101,6 +105,7 @@ class QuantConfig:
         _check(self.reconstruct_target in ("fp", "block"), "reconstruct_target", "one of ('fp', 'block')",
                self.reconstruct_target)
         _check(self.packing in ("2bit", "base3"), "packing", "one of ('2bit', 'base3')", self.packing)
+        _check(self.activations in ("fp", "int8"), "activations", "one of ('fp', 'int8')", self.activations)
         _check(self.mode != "sparsity" or self.planes == 1 or self.calibration is None, "planes",
                "1 when a calibrated run targets a sparsity (mode='sparsity')", self.planes)
         _check(self.planes <= 4, "planes", "an integer in [1, 4]", self.planes)
@@ -119,6 +124,12 @@ class QuantConfig:
         Kept for comparison rows: it is what gave perplexity 110,062 on GPT-2.
         """
         return cls(mode="magnitude", alpha=0.7, threshold=None, granularity="tensor")
+
+    @classmethod
+    def bitnet(cls) -> QuantConfig:
+        """BitNet b1.58 (W1.58·A8): one absmean scale per tensor, int8 per-token activations. The layout that
+        transformers' BitNet integration holds exactly (``atq export --format hf``); usable in PTQ and QAT."""
+        return cls(mode="absmean", granularity="tensor", activations="int8")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -69,7 +69,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: An
         name: {
             "precision": "ternary", "in_features": m.in_features, "out_features": m.out_features,
             "group_size": m.group_size, "scale_rows": m.scales.shape[-2], "planes": m.planes,
-            "layout": m.layout, "bias": m.bias is not None,
+            "layout": m.layout, "bias": m.bias is not None, "activations": m.activations,
         }
         for name, m in model.named_modules() if isinstance(m, PackedTernaryLinear)
     }
@@ -205,7 +205,7 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device | No
             set_module(model, name, PackedTernaryLinear(
                 layer["in_features"], layer["out_features"], layer["group_size"], layer["scale_rows"],
                 bias=layer["bias"], dtype=getattr(torch, meta["dtype"]), planes=layer["planes"],
-                layout=layer["layout"],
+                layout=layer["layout"], activations=layer.get("activations", "fp"),
             ))
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))

@@ -18,6 +18,14 @@ from .ternary import TernaryTensor, expand_group_scales
 SCALE_DTYPE = torch.float16  # scales are stored (and computed with) in fp16: what the artifact holds
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Per-token symmetric int8 fake quantization, exactly as transformers' BitLinear does it (absmax over the
+    last dimension, clamped at 1e-5; round half to even), with a straight-through gradient for training."""
+    scale = 127 / x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    quantized = (x * scale).round().clamp(-128, 127) / scale
+    return x + (quantized - x).detach()
+
+
 class PackedTernaryLinear(nn.Module):
     """Inference layer: packed 2-bit codes ([planes,] out, ceil(in/4)) uint8 + fp16 scales ([planes,] 1|out, groups).
 
@@ -36,10 +44,11 @@ class PackedTernaryLinear(nn.Module):
         device: torch.device | str | None = None,
         planes: int = 1,
         layout: str = "2bit",
+        activations: str = "fp",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.planes, self.layout = planes, layout
+        self.planes, self.layout, self.activations = planes, layout, activations
         n_groups = -(-in_features // group_size)
         lead = (planes,) if planes > 1 else ()
         zeros = pack(torch.zeros(1, in_features, dtype=torch.int8), layout)  # the packed form of all-zero codes
@@ -50,13 +59,13 @@ class PackedTernaryLinear(nn.Module):
 
     @classmethod
     def from_ternary(
-        cls, tensor: TernaryTensor, bias: torch.Tensor | None = None, layout: str = "2bit"
+        cls, tensor: TernaryTensor, bias: torch.Tensor | None = None, layout: str = "2bit", activations: str = "fp"
     ) -> PackedTernaryLinear:
         out_features, in_features = tensor.shape
         layer = cls(
             in_features, out_features, tensor.group_size, tensor.scales.shape[-2], bias=bias is not None,
             dtype=bias.dtype if bias is not None else torch.float32, device=tensor.codes.device,
-            planes=tensor.planes, layout=layout,
+            planes=tensor.planes, layout=layout, activations=activations,
         )
         layer.packed.copy_(pack(tensor.codes, layout))
         layer.scales.copy_(tensor.scales.to(SCALE_DTYPE))
@@ -72,12 +81,15 @@ class PackedTernaryLinear(nn.Module):
         return dequantize_packed(self.packed, self.scales, self.group_size, self.in_features, dtype, self.layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations == "int8":
+            x = quantize_activations(x)
         return ternary_linear(x, self.packed, self.scales, self.group_size, self.in_features, self.bias, self.layout)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
             f"scale_rows={self.scales.shape[-2]}, planes={self.planes}, layout={self.layout}, "
+            f"activations={self.activations}, "
             f"bias={self.bias is not None}"
         )
 
@@ -139,6 +151,8 @@ class TernaryLinear(nn.Module):
         if self.dead_zone is not None:
             dead = self.dead_zone * (self.weight * (weight.detach() == 0)).sum(-1)
             bias = dead if bias is None else bias + dead
+        if self.config.activations == "int8":
+            x = quantize_activations(x)
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @torch.no_grad()
@@ -156,7 +170,7 @@ class TernaryLinear(nn.Module):
         if self.dead_zone is not None:
             dead = self.dead_zone * (self.weight * (tensor.dequantize() == 0)).sum(-1)
             bias = dead if bias is None else bias + dead
-        return PackedTernaryLinear.from_ternary(tensor, bias, self.config.packing)
+        return PackedTernaryLinear.from_ternary(tensor, bias, self.config.packing, self.config.activations)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.config.mode}, "

@@ -68,7 +68,8 @@ def quantize(
         for name in tqdm(layers, desc="ternarise", disable=quiet, unit="layer"):
             module = layers[name]
             tensor = ternarize(weights[name], config, name=f"{name}.weight")
-            packed = PackedTernaryLinear.from_ternary(tensor, getattr(module, "bias", None), config.packing)
+            packed = PackedTernaryLinear.from_ternary(tensor, getattr(module, "bias", None), config.packing,
+                                                    config.activations)
             set_module(model, name, packed.to(weights[name].device))
             tensors[name] = packed
             if tensor.thresholds is not None:

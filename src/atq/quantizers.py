@@ -48,7 +48,8 @@ def ternarize(weight: torch.Tensor, config: QuantConfig, name: str = "weight") -
     for block in blocks:
         keep, threshold = fit_threshold(block, config)
         keeps.append(keep)
-        scales.append(mean_kept_magnitude(block.abs(), keep))
+        # absmean's scale is its own definition (mean of all |w|), the others' the least-squares one
+        scales.append(2 * threshold if config.mode == "absmean" else mean_kept_magnitude(block.abs(), keep))
         thresholds.append(threshold)
 
     keep = torch.cat([k.reshape(out_features, -1) for k in keeps], dim=1)
@@ -71,6 +72,9 @@ def fit_threshold(block: torch.Tensor, config: QuantConfig) -> tuple[torch.Tenso
             # The seed's rule: alpha times the (unbiased) standard deviation of the signed weights.
             std = block.std(dim=-1) if block.shape[-1] > 1 else torch.zeros(block.shape[:2], device=block.device)
             threshold = config.alpha * std
+        return magnitude > threshold.unsqueeze(-1), threshold
+    if config.mode == "absmean":  # round(w/γ) != 0 exactly when |w| > γ/2 (ties round to even: to 0)
+        threshold = magnitude.mean(-1) / 2
         return magnitude > threshold.unsqueeze(-1), threshold
     if config.mode == "sparsity":
         length = block.shape[-1]

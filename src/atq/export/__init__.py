@@ -1,0 +1,1 @@
+"""Exporters: ATQ artifacts -> formats that other runtimes load (llama.cpp GGUF, transformers BitNet)."""

@@ -1,0 +1,216 @@
+"""ATQ artifact (Llama architecture) -> GGUF that stock llama.cpp loads, written with the ``gguf`` package.
+
+Ternary layers become TQ2_0 (or TQ1_0): blocks of 256 weights along a row with one fp16 scale ``d = max|x|``.
+A block holds exactly ``α·T`` when one scale covers it, so per-tensor and per-row scales, and groups that are
+multiples of 256, export *exactly* (the GGUF dequantizes bit for bit to ATQ's weight). Rows whose length is not a
+multiple of 256 (SmolLM2's 576 inputs) cannot be TQ blocks at all, and smaller groups would mix scales in a block:
+those tensors fall back to ``fallback`` (default Q8_0: blocks of 32 with d = max|x|/127, so a ternary block is
+±127·d — exact up to the fp16 rounding of d — at 8.5 bits per weight, or F16 where rows are not whole blocks
+of 32; or F16 throughout). The report lists every tensor's
+type and the effective bits per ternary weight.
+
+Metadata and tokenizer: copied from a source GGUF (``metadata_from``, e.g. the bundled SmolLM2 file) or written
+from the HF config and a BPE ``tokenizer.json``. llama.cpp expects q/k rows in the GGML rotary order, so they
+are permuted as llama.cpp's own converter does (rows move with their per-row scales, codes are unchanged).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..layers import PackedTernaryLinear
+
+TERNARY_TYPES = ("tq2_0", "tq1_0", "f16")  # f16: a same-weights reference file without TQ types
+FALLBACKS = ("q8_0", "f16")
+_BLOCK = 256
+
+_BLOCK_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+class ExportError(ValueError):
+    """A model or layout that the target format cannot hold as asked."""
+
+
+def gguf_name(name: str) -> str:
+    """HF Llama parameter name (without ``.weight``) -> llama.cpp tensor name (without ``.weight``)."""
+    if name == "model.embed_tokens":
+        return "token_embd"
+    if name == "model.norm":
+        return "output_norm"
+    if name == "lm_head":
+        return "output"
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in _BLOCK_NAMES:
+        return f"blk.{parts[2]}.{_BLOCK_NAMES['.'.join(parts[3:])]}"
+    raise ExportError(f"GGUF export: no llama.cpp name for tensor {name!r} (Llama architecture only)")
+
+
+def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order: within each head, interleave the two rotary halves (its converter's permute)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+def ternary_exact(layer: PackedTernaryLinear) -> bool:
+    """Whether TQ blocks of 256 can hold this layer exactly: one plane, rows of whole blocks, one scale a block."""
+    one_scale_per_block = layer.group_size >= layer.in_features or layer.group_size % _BLOCK == 0
+    return layer.planes == 1 and layer.in_features % _BLOCK == 0 and one_scale_per_block
+
+
+def export_gguf(
+    model: nn.Module,
+    out: str | os.PathLike,
+    metadata_from: str | os.PathLike | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    ternary_type: str = "tq2_0",
+    fallback: str = "q8_0",
+) -> dict[str, Any]:
+    """Write ``model`` (an ATQ-quantized Llama) to ``out``; returns the report (types, fallbacks, bits).
+
+    ``metadata_from``: a GGUF whose metadata and tokenizer are copied; otherwise ``tokenizer_dir`` must hold a
+    BPE ``tokenizer.json`` (the artifact directory does). The file is written to a temporary sibling and renamed:
+    a failed export leaves nothing behind.
+    """
+    import gguf
+
+    if ternary_type not in TERNARY_TYPES:
+        raise ExportError(f"ternary_type must be one of {TERNARY_TYPES}, got {ternary_type!r}")
+    if fallback not in FALLBACKS:
+        raise ExportError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    config = model.config
+    if getattr(config, "model_type", None) != "llama":
+        raise ExportError(f"GGUF export supports Llama-architecture models, got {getattr(config, 'model_type', None)!r}")
+    qtype = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0,
+             "f16": gguf.GGMLQuantizationType.F16}[ternary_type]
+    ftype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16}[fallback]
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+
+    tensors: list[tuple[str, np.ndarray, Any]] = []
+    report: dict[str, Any] = {"tensors": {}, "fallback": [], "ternary_type": ternary_type}
+    ternary_weights = ternary_bytes = 0
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if not isinstance(module, PackedTernaryLinear):
+            continue
+        weight = module.dequantize(torch.float32)
+        if name.endswith(("q_proj", "k_proj")):
+            weight = permute_rows(weight, heads if name.endswith("q_proj") else kv_heads)
+        exact = ternary_exact(module) or ternary_type == "f16"
+        kind = qtype if exact else ftype
+        if kind == gguf.GGMLQuantizationType.Q8_0 and module.in_features % 32:  # Q8_0 blocks are 32 wide
+            kind = gguf.GGMLQuantizationType.F16
+        if not exact:
+            report["fallback"].append(name)
+        data = weight.numpy()
+        stored = gguf.quants.quantize(data, kind) if kind != gguf.GGMLQuantizationType.F16 else data.astype(np.float16)
+        tensors.append((gguf_name(name) + ".weight", stored, kind))
+        report["tensors"][name] = kind.name
+        ternary_weights += data.size
+        ternary_bytes += stored.nbytes
+        if module.bias is not None and module.bias.abs().max() > 0:
+            raise ExportError(f"{name} has a bias (dead-zone bias or a biased layer): llama.cpp's Llama has none")
+    tied = model.get_output_embeddings() is not None and (
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+    for name, param in model.named_parameters():
+        base = name.removesuffix(".weight")
+        if isinstance(modules.get(base), PackedTernaryLinear) or (tied and base == "lm_head"):
+            continue
+        if not name.endswith(".weight"):
+            raise ExportError(f"GGUF export: unexpected parameter {name!r}")
+        data = param.detach().float()
+        if base.endswith(("q_proj", "k_proj")):  # a layer kept FP
+            data = permute_rows(data, heads if base.endswith("q_proj") else kv_heads)
+        data = data.numpy()
+        kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else gguf.GGMLQuantizationType.F16
+        tensors.append((gguf_name(base) + ".weight", data.astype(np.float32 if data.ndim == 1 else np.float16), kind))
+        report["tensors"][base] = kind.name
+    if not report["tensors"]:
+        raise ExportError("GGUF export: the model has no tensors")
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        if metadata_from is not None:
+            _copy_metadata(writer, metadata_from)
+        else:
+            _write_metadata(writer, config, tokenizer_dir)
+        all_ternary = not report["fallback"] and ternary_weights and ternary_type != "f16"
+        writer.add_file_type(
+            (gguf.LlamaFileType.MOSTLY_TQ2_0 if ternary_type == "tq2_0" else gguf.LlamaFileType.MOSTLY_TQ1_0)
+            if all_ternary else gguf.LlamaFileType.MOSTLY_F16)
+        for name, data, kind in tensors:
+            writer.add_tensor(name, data, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    report |= {"path": str(out), "bytes": out.stat().st_size, "ternary_weights": ternary_weights,
+               "bits_per_ternary_weight": 8 * ternary_bytes / ternary_weights if ternary_weights else 0.0}
+    return report
+
+
+def _copy_metadata(writer, source: str | os.PathLike) -> None:
+    """Every key of ``source`` except the ones this file sets itself (architecture, file type)."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    if reader.fields["general.architecture"].contents() != "llama":
+        raise ExportError(f"{source}: metadata of a non-Llama model")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def _write_metadata(writer, config, tokenizer_dir: str | os.PathLike | None) -> None:
+    """Llama keys from the HF config; a BPE tokenizer (vocab + merges) from ``tokenizer.json``."""
+    import gguf
+
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    rope = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    writer.add_rope_freq_base(float(rope or 10000.0))
+    writer.add_vocab_size(config.vocab_size)
+    path = Path(tokenizer_dir or "") / "tokenizer.json"
+    if tokenizer_dir is None or not path.is_file():
+        raise ExportError("GGUF export needs metadata_from (a source GGUF) or a directory with tokenizer.json")
+    spec = json.loads(path.read_text())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise ExportError(f"{path}: tokenizer type {model.get('type')!r}; GGUF export writes BPE tokenizers only "
+                          "(pass metadata_from=<source .gguf> to copy one)")
+    vocab = sorted(model["vocab"].items(), key=lambda item: item[1])
+    tokens = [token for token, _ in vocab] + [f"[PAD{i}]" for i in range(config.vocab_size - len(vocab))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
+    writer.add_token_merges(merges)
+    for attribute, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
+        if getattr(config, attribute, None) is not None:
+            add(int(getattr(config, attribute)))
