@@ -1,0 +1,63 @@
+"""Triton ternary matmul against the float64 reference of the dequantized product.
+
+On a GPU the kernels run natively; without one they run in Triton's interpreter (TRITON_INTERPRET=1, set by
+conftest.py before anything imports triton), which executes the same kernel code on the CPU. Skipped only when
+triton is absent.
+"""
+
+import pytest
+import torch
+
+triton_kernels = pytest.importorskip("atq.kernels.triton", exc_type=ImportError)
+
+from atq import QuantConfig, ternarize
+from atq.packing import pack
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def packed_weight(out_features, in_features, granularity, group_size, seed=0):
+    torch.manual_seed(seed)
+    tensor = ternarize(torch.randn(out_features, in_features),
+                       QuantConfig(granularity=granularity, group_size=group_size))
+    return tensor, pack(tensor.codes).to(DEVICE), tensor.scales.half().to(DEVICE)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 70])
+@pytest.mark.parametrize("granularity,group_size,in_features", [("group", 64, 192), ("group", 32, 96),
+                                                               ("row", 64, 72), ("tensor", 64, 90)])
+def test_matches_the_float64_reference_and_writes_every_output(rows, granularity, group_size, in_features):
+    tensor, packed, scales = packed_weight(40, in_features, granularity, group_size)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    bias = torch.randn(40).to(DEVICE)
+    weight = tensor.codes.double() * tensor.expanded_scales(torch.float16).double()
+    expected = x.double().cpu() @ weight.T + bias.double().cpu()
+    for dtype in (torch.float32, torch.float16) if DEVICE == "cuda" else (torch.float32,):
+        got = triton_kernels.ternary_matmul(x.to(dtype), packed, scales, tensor.group_size, in_features,
+                                            bias.to(dtype))
+        assert got.shape == (rows, 40) and got.dtype == dtype and torch.isfinite(got).all()  # no unwritten output
+        error = (got.double().cpu() - expected).norm() / expected.norm()
+        assert error <= 1e-2, (dtype, float(error))
+
+
+def test_poisoned_output_is_fully_overwritten(monkeypatch):
+    _, packed, scales = packed_weight(33, 64, "group", 32)
+    poisoned = torch.full((2, 33), float("nan"), device=DEVICE)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned)  # the kernel's output buffer starts as NaN
+    got = triton_kernels.ternary_matmul(torch.randn(2, 64, device=DEVICE), packed, scales, 32, 64)
+    assert got.data_ptr() == poisoned.data_ptr() and torch.isfinite(got).all()
+
+
+def test_group_sizes_the_tiles_cannot_follow_are_refused():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        triton_kernels._block_k(24, 96)
+
+
+def test_dispatch_keeps_the_reference_off_gpu_and_unless_asked(monkeypatch):
+    from atq.kernels import use_triton
+
+    x, packed = torch.randn(1, 64), torch.zeros(4, 16, dtype=torch.uint8)
+    monkeypatch.setenv("ATQ_KERNEL", "triton")
+    assert not use_triton(x, packed, 64, 64, "2bit")  # CPU input: the reference
+    monkeypatch.delenv("ATQ_KERNEL")
+    assert not use_triton(x.to(DEVICE), packed.to(DEVICE), 64, 64, "2bit")  # opt-in only, for now
