@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from atq.bench import markdown_table
 from atq.io import write_json
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (576, 576), (1536, 576), (576, 1536)]
@@ -76,11 +77,10 @@ def main() -> int:
     write_json(args.out, {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": copy_bw / 1e9,
                           "group_size": 64, "rows": rows})
     print(f"device-to-device copy: {copy_bw / 1e9:,.0f} GB/s")
-    print("| shape | batch | ternary us | bf16 us | speedup | bandwidth GB/s | of copy |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['shape']} | {r['batch']} | {r['ternary_us']:.1f} | {r['bf16_us']:.1f} | {r['speedup']:.2f} | "
-              f"{r['bandwidth_gbs']:,.0f} | {r['bandwidth_fraction']:.0%} |")
+    print(markdown_table(
+        ["shape", "batch", "ternary us", "bf16 us", "speedup", "bandwidth GB/s", "of copy"],
+        [[r["shape"], str(r["batch"]), f"{r['ternary_us']:.1f}", f"{r['bf16_us']:.1f}", f"{r['speedup']:.2f}",
+          f"{r['bandwidth_gbs']:,.0f}", f"{r['bandwidth_fraction']:.0%}"] for r in rows]))
     return 0
 
 

@@ -17,6 +17,7 @@ import time
 import torch
 
 from atq import QuantConfig, load_model
+from atq.bench import markdown_table
 from atq.io import write_json
 from atq.qat import TrainConfig, _step_loss, prepare_qat, train
 
@@ -73,11 +74,10 @@ def main() -> int:
     print(averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     write_json(args.out, {"device": torch.cuda.get_device_name(), "model": args.model, "rows": rows,
                           "profile_two_eager_steps": {"self_cpu_ms": cpu_ms, "self_cuda_ms": cuda_ms}})
-    print("| setting | windows x 512 | compile | tokens/s | first step s | peak GiB |")
-    print("| --- | ---: | --- | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['setting']} | {r['batch_windows']} | {r['compile']} | {r['tokens_per_s']:,.0f} | "
-              f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} |")
+    print(markdown_table(
+        ["setting", "windows x 512", "compile", "tokens/s", "first step s", "peak GiB"],
+        [[r["setting"], str(r["batch_windows"]), str(r["compile"]), f"{r['tokens_per_s']:,.0f}",
+          f"{r['first_step_s']:.1f}", f"{r['peak_gib']:.1f}"] for r in rows]))
     return 0
 
 

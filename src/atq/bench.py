@@ -58,3 +58,9 @@ def model_stats(model: nn.Module) -> dict[str, float | int]:
 
 def directory_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def markdown_table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
+    """A markdown table whose columns from ``numeric_from`` on are right-aligned (numbers)."""
+    rule = ["---" if i < numeric_from else "---:" for i in range(len(header))]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *rows])
