@@ -20,7 +20,7 @@ from .layers import PackedTernaryLinear
 from .packing import pack
 from .quantizers import fit_planes, keep_top, mean_kept_magnitude, nearest_level, trit_combinations
 from .surgery import decoder_blocks, linear_weight, set_module
-from .ternary import TernaryTensor, dense_weight
+from .ternary import TernaryTensor, dense_weight, expand_group_scales
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +234,9 @@ class _TunableTernary(nn.Module):
         if self.latent is None:
             return self.codes
         alpha = self.scales if self.codes.dim() == 3 else self.scales.unsqueeze(0)  # (planes, rows, groups)
-        levels = torch.einsum("krg,lk->rgl", alpha, self.combos)
-        levels = levels.repeat_interleave(self.layer.group_size, dim=1)[:, : self.latent.shape[1]]
-        codes = self.combos[(self.latent.unsqueeze(-1) - levels).abs().argmin(-1)].permute(2, 0, 1)
+        levels = torch.einsum("krg,lk->rlg", alpha, self.combos)  # (rows, levels, groups)
+        levels = expand_group_scales(levels, self.layer.group_size, self.latent.shape[1])  # (rows, levels, in)
+        codes = self.combos[(self.latent.unsqueeze(1) - levels).abs().argmin(1)].permute(2, 0, 1)
         return codes if self.codes.dim() == 3 else codes[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -281,9 +282,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         source = str(smollm2()) if args.metadata_from == "smollm2" else args.metadata_from
         report = export_gguf(model, args.out, metadata_from=source, tokenizer_dir=args.model,
                              ternary_type=args.ternary_type, fallback=args.fallback)
-        types: dict[str, int] = {}
-        for kind in report["tensors"].values():
-            types[kind] = types.get(kind, 0) + 1
+        types = Counter(report["tensors"].values())
         exact = sum(1 for v in report["tensors"].values() if v.startswith("TQ"))
         print(_table([("file", f"{report['path']} ({report['bytes'] / 2**20:.1f} MiB)"),
                       ("tensor types", ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))),

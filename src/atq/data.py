@@ -124,10 +124,12 @@ def cached_generated_windows(
 
     Sampling is the slow part of data-free training and every resumed segment or extra process needs the same
     windows: the file records (windows, length, seed, model), so a cache made for other settings is regenerated,
-    never silently reused. The write is atomic (temp file + rename): a killed run leaves no half file.
+    never silently reused. The write is atomic (``io.atomic_file``): a killed run leaves no half file.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
+
+    from .io import atomic_file
 
     path = Path(cache)
     source = str(getattr(getattr(model, "config", None), "_name_or_path", "")) or type(model).__name__
@@ -144,8 +146,6 @@ def cached_generated_windows(
         except (SafetensorError, OSError) as error:
             log.warning("%s is unreadable (%s): regenerating", path, error)
     tokens = generated_windows(model, tokenizer, n_windows, seq_len, batch_size, seed, quiet)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"tokens": tokens.to(torch.int32).contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({"tokens": tokens.to(torch.int32).contiguous()}, str(tmp), metadata=meta)
     return tokens

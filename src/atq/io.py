@@ -115,13 +115,23 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success a rename puts it at ``path``, on any error it
+    is removed: readers never see half a file, and a failed write leaves nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _swap_in(tmp: Path, directory: Path) -> None:

@@ -135,22 +135,31 @@ class TernaryLinear(nn.Module):
             self.scales = nn.Parameter(fitted.scales.clone())
         self.dead_zone = nn.Parameter(torch.tensor(1e-3)) if dead_zone_bias else None
 
+    def _learned_ratio(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α, clamp(w/α, -1, 1)) for learned scales, α per column; the forward sees the stored fp16 value of α
+        while its gradient reaches the fp32 parameter."""
+        alpha = self.scales.abs().clamp(min=1e-8)
+        alpha = alpha + (alpha.to(SCALE_DTYPE).float() - alpha).detach()
+        alpha = expand_group_scales(alpha, self.group_size, self.in_features)
+        return alpha, (self.weight / alpha).clamp(-1, 1)
+
     def quantized_weight(self) -> torch.Tensor:
         """The ternary weight of the forward pass, differentiable through the straight-through estimator."""
         if self.scales is None:
             return straight_through(self.weight, self.config)
-        alpha = self.scales.abs().clamp(min=1e-8)
-        alpha = alpha + (alpha.to(SCALE_DTYPE).float() - alpha).detach()  # forward sees the stored fp16 scale
-        alpha = expand_group_scales(alpha, self.group_size, self.in_features)
-        ratio = (self.weight / alpha).clamp(-1, 1)
+        alpha, ratio = self._learned_ratio()
         return alpha * (ratio + (ratio.round() - ratio).detach())
+
+    def _bias(self, zero: torch.Tensor) -> torch.Tensor | None:
+        """The layer's bias plus, with the dead-zone option, λ·Σ of each row's latent weights where ``zero``."""
+        if self.dead_zone is None:
+            return self.bias
+        dead = self.dead_zone * (self.weight * zero).sum(-1)
+        return dead if self.bias is None else self.bias + dead
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight()
-        bias = self.bias
-        if self.dead_zone is not None:
-            dead = self.dead_zone * (self.weight * (weight.detach() == 0)).sum(-1)
-            bias = dead if bias is None else bias + dead
+        bias = self._bias(weight.detach() == 0)
         if self.config.activations == "int8":
             x = quantize_activations(x)
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -159,18 +168,16 @@ class TernaryLinear(nn.Module):
     def to_ternary(self) -> TernaryTensor:
         if self.scales is None:
             return ternarize(self.weight, self.config)
+        _, ratio = self._learned_ratio()
         alpha = self.scales.abs().clamp(min=1e-8).to(SCALE_DTYPE).float()
-        codes = (self.weight / expand_group_scales(alpha, self.group_size, self.in_features)).clamp(-1, 1).round()
-        return TernaryTensor(codes.to(torch.int8), alpha.clone(), self.group_size)
+        return TernaryTensor(ratio.round().to(torch.int8), alpha, self.group_size)
 
     @torch.no_grad()
     def to_packed(self) -> PackedTernaryLinear:
         tensor = self.to_ternary()
-        bias = None if self.bias is None else self.bias.detach().clone()
-        if self.dead_zone is not None:
-            dead = self.dead_zone * (self.weight * (tensor.dequantize() == 0)).sum(-1)
-            bias = dead if bias is None else bias + dead
-        return PackedTernaryLinear.from_ternary(tensor, bias, self.config.packing, self.config.activations)
+        bias = self._bias(tensor.dequantize() == 0)
+        return PackedTernaryLinear.from_ternary(tensor, None if bias is None else bias.detach().clone(),
+                                                self.config.packing, self.config.activations)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.config.mode}, "

@@ -43,14 +43,16 @@ def packed_length(length: int) -> int:
     return -(-length // TRITS_PER_BYTE)
 
 
+def _byte_digits(codes: torch.Tensor, per_byte: int, dtype: torch.dtype) -> torch.Tensor:
+    """The stored digits (code + 1) as (..., bytes, per_byte), the last byte padded with zero trits."""
+    digits = torch.nn.functional.pad((codes + 1).to(dtype), (0, -codes.shape[-1] % per_byte), value=1)
+    return digits.reshape(*codes.shape[:-1], -1, per_byte)
+
+
 def pack_trits(codes: torch.Tensor) -> torch.Tensor:
     """Pack integer codes in {-1, 0, 1} along the last dimension into uint8, four per byte."""
     _check_codes(codes, "pack_trits")
-    length = codes.shape[-1]
-    pad = packed_length(length) * TRITS_PER_BYTE - length
-    stored = torch.nn.functional.pad((codes + 1).to(torch.uint8), (0, pad), value=1)
-    stored = stored.reshape(*codes.shape[:-1], -1, TRITS_PER_BYTE)
-    shifted = stored << _SHIFTS.to(codes.device)
+    shifted = _byte_digits(codes, TRITS_PER_BYTE, torch.uint8) << _SHIFTS.to(codes.device)
     return (shifted[..., 0] | shifted[..., 1] | shifted[..., 2] | shifted[..., 3]).contiguous()
 
 
@@ -76,10 +78,7 @@ def packed_length_base3(length: int) -> int:
 def pack_base3(codes: torch.Tensor) -> torch.Tensor:
     """Pack codes in {-1, 0, 1} five to a byte: byte = Σ_j (code_j + 1)·3^j for the byte's elements 5b + j."""
     _check_codes(codes, "pack_base3")
-    length = codes.shape[-1]
-    pad = packed_length_base3(length) * TRITS_PER_BASE3_BYTE - length
-    digits = torch.nn.functional.pad((codes + 1).to(torch.int32), (0, pad), value=1)
-    digits = digits.reshape(*codes.shape[:-1], -1, TRITS_PER_BASE3_BYTE)
+    digits = _byte_digits(codes, TRITS_PER_BASE3_BYTE, torch.int32)
     return (digits * _POWERS.to(codes.device)).sum(-1).to(torch.uint8)
 
 

@@ -248,11 +248,12 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         value = float(total)  # synchronises: the step's time below is real
-        trained += time.perf_counter() - tick
+        elapsed = time.perf_counter() - tick
+        trained += elapsed
         done = step + 1
         history.append({"step": step, "loss": value, "lr": optimizer.param_groups[0]["lr"],
                         "tokens": done * tokens_per_step, "seconds": trained,
-                        "tokens_per_s": tokens_per_step / max(time.perf_counter() - tick, 1e-9)})
+                        "tokens_per_s": tokens_per_step / max(elapsed, 1e-9)})
         bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{history[-1]['tokens_per_s']:,.0f}")
         out_of_time = max_seconds is not None and time.perf_counter() - began >= max_seconds
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps or out_of_time:

@@ -49,7 +49,7 @@ def ternarize(weight: torch.Tensor, config: QuantConfig, name: str = "weight") -
         keep, threshold = fit_threshold(block, config)
         keeps.append(keep)
         # absmean's scale is its own definition (mean of all |w|), the others' the least-squares one
-        scales.append(2 * threshold if config.mode == "absmean" else mean_kept_magnitude(block.abs(), keep))
+        scales.append(block.abs().mean(-1) if config.mode == "absmean" else mean_kept_magnitude(block.abs(), keep))
         thresholds.append(threshold)
 
     keep = torch.cat([k.reshape(out_features, -1) for k in keeps], dim=1)

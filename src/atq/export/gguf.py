@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io import atomic_file
 from ..layers import PackedTernaryLinear
 
 TERNARY_TYPES = ("tq2_0", "tq1_0", "f16")  # f16: a same-weights reference file without TQ types
@@ -101,12 +102,18 @@ def export_gguf(
     report: dict[str, Any] = {"tensors": {}, "fallback": [], "ternary_type": ternary_type}
     ternary_weights = ternary_bytes = 0
     modules = dict(model.named_modules())
+
+    def llama_cpp_rows(name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name.endswith("q_proj"):
+            return permute_rows(weight, heads)
+        return permute_rows(weight, kv_heads) if name.endswith("k_proj") else weight
+
     for name, module in modules.items():
         if not isinstance(module, PackedTernaryLinear):
             continue
-        weight = module.dequantize(torch.float32)
-        if name.endswith(("q_proj", "k_proj")):
-            weight = permute_rows(weight, heads if name.endswith("q_proj") else kv_heads)
+        if module.bias is not None and module.bias.abs().max() > 0:
+            raise ExportError(f"{name} has a bias (dead-zone bias or a biased layer): llama.cpp's Llama has none")
+        weight = llama_cpp_rows(name, module.dequantize(torch.float32))
         exact = ternary_exact(module) or ternary_type == "f16"
         kind = qtype if exact else ftype
         if kind == gguf.GGMLQuantizationType.Q8_0 and module.in_features % 32:  # Q8_0 blocks are 32 wide
@@ -119,8 +126,6 @@ def export_gguf(
         report["tensors"][name] = kind.name
         ternary_weights += data.size
         ternary_bytes += stored.nbytes
-        if module.bias is not None and module.bias.abs().max() > 0:
-            raise ExportError(f"{name} has a bias (dead-zone bias or a biased layer): llama.cpp's Llama has none")
     tied = model.get_output_embeddings() is not None and (
         model.get_output_embeddings().weight is model.get_input_embeddings().weight)
     for name, param in model.named_parameters():
@@ -129,10 +134,7 @@ def export_gguf(
             continue
         if not name.endswith(".weight"):
             raise ExportError(f"GGUF export: unexpected parameter {name!r}")
-        data = param.detach().float()
-        if base.endswith(("q_proj", "k_proj")):  # a layer kept FP
-            data = permute_rows(data, heads if base.endswith("q_proj") else kv_heads)
-        data = data.numpy()
+        data = llama_cpp_rows(base, param.detach().float()).numpy()  # q/k of a layer kept FP move too
         kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else gguf.GGMLQuantizationType.F16
         tensors.append((gguf_name(base) + ".weight", data.astype(np.float32 if data.ndim == 1 else np.float16), kind))
         report["tensors"][base] = kind.name
@@ -140,9 +142,7 @@ def export_gguf(
         raise ExportError("GGUF export: the model has no tensors")
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
         if metadata_from is not None:
             _copy_metadata(writer, metadata_from)
@@ -158,9 +158,6 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     report |= {"path": str(out), "bytes": out.stat().st_size, "ternary_weights": ternary_weights,
                "bits_per_ternary_weight": 8 * ternary_bytes / ternary_weights if ternary_weights else 0.0}
     return report
