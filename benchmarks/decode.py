@@ -2,10 +2,13 @@
 
     python benchmarks/decode.py [--new-tokens 128] [--out results/decode_h100.json]
 
-Greedy ``generate`` with the KV cache from a 32-token prompt; tokens/s counts new tokens of all sequences, and
-peak GPU memory is ``torch.cuda.max_memory_allocated`` over the run. Variants: the FP model in bf16; the ternary
-model (groups of 64, weight-only: speed does not depend on quality) with the torch reference kernel (unpack then
-matmul, every step); the same with the Triton kernel (``ATQ_KERNEL=triton``). Non-ternary parts run in bf16.
+Greedy decoding with a static KV cache after a 32-token prompt; one step is one forward of one token per sequence.
+tokens/s counts new tokens of all sequences; peak GPU memory is for the model alone (its weights + what the run
+allocates: cache, graph pool, activations). Each model is timed twice: stepping eagerly from Python, and replaying
+one CUDA graph per step (the graph holds every kernel of a forward, so Python and launch costs vanish; this is how a
+serving loop runs small models). Variants: the FP model in bf16; the ternary model (groups of 64, weight-only: speed does not
+depend on quality) with the torch reference kernel (unpack then matmul, every step); the same with the Triton
+kernels (``ATQ_KERNEL=triton``). Non-ternary parts (embeddings, norms, attention, head) run in bf16 in all.
 """
 
 from __future__ import annotations
@@ -17,23 +20,65 @@ import sys
 import time
 
 import torch
+from transformers import StaticCache
 
 from atq import QuantConfig, load_model, quantize
 from atq.bench import markdown_table
 from atq.io import write_json
 
+PROMPT = 32
+WARMUP = 3
 
-def decode(model, batch: int, new_tokens: int) -> dict:
-    prompt = torch.randint(0, model.config.vocab_size, (batch, 32), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.cuda()
-    model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up (and kernel compiles)
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@torch.no_grad()
+def decode(model, batch: int, new_tokens: int, graphed: bool) -> dict:
+    """Tokens/s of the timed steps; peak GiB = the model's own weights + the most this run allocated on top
+    (KV cache, graph pool, activations): both models stay resident, so the device-wide peak would count both."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT), generator=generator).to(device)
+    model(prompt)  # first calls of these shapes autotune the Triton kernels (with a 256 MB scratch): not counted
+    model(prompt[:, :1])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT + new_tokens + 2 * WARMUP + 2)
+    logits = model(prompt, past_key_values=cache, cache_position=torch.arange(PROMPT, device=device)).logits
+    token = logits[:, -1:].argmax(-1)
+    position = torch.tensor([PROMPT], device=device)
+
+    def step() -> None:
+        out = model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        token.copy_(out[:, -1:].argmax(-1))
+        position.add_(1)
+
+    run = step
+    if graphed:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    for _ in range(WARMUP):
+        run()
+    torch.cuda.synchronize()
     start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    for _ in range(new_tokens):
+        run()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": batch * new_tokens / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"tokens_per_s": batch * new_tokens / seconds, "ms_per_step": 1e3 * seconds / new_tokens,
+            "peak_gib": (model_bytes(model) + torch.cuda.max_memory_allocated() - before) / 2**30,
+            "weights_gib": model_bytes(model) / 2**30}
 
 
 def main() -> int:
@@ -51,13 +96,21 @@ def main() -> int:
     for label, model, kernel in [("bf16", fp, "reference"), ("ternary, torch reference", ternary, "reference"),
                                  ("ternary, Triton", ternary, "triton")]:
         os.environ["ATQ_KERNEL"] = kernel
-        for batch in (1, 16):
-            rows.append({"model": label, "batch": batch, **decode(model, batch, args.new_tokens)})
-            print(rows[-1], file=sys.stderr, flush=True)
+        for graphed in (False, True):
+            for batch in (1, 16):
+                row = {"model": label, "batch": batch, "cuda_graph": graphed}
+                try:
+                    row |= decode(model, batch, args.new_tokens, graphed)
+                except (RuntimeError, ValueError, TypeError) as error:  # a variant that cannot run is reported, not fatal to the others
+                    row["error"] = f"{type(error).__name__}: {error}"[:300]
+                rows.append(row)
+                print(rows[-1], file=sys.stderr, flush=True)
     write_json(args.out, {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens, "rows": rows})
-    print(markdown_table(["model", "batch", "tokens/s", "peak GiB"],
-                         [[r["model"], str(r["batch"]), f"{r['tokens_per_s']:,.0f}", f"{r['peak_gib']:.2f}"]
-                          for r in rows], numeric_from=1))
+    print(markdown_table(["model", "CUDA graph", "batch", "tokens/s", "ms/step", "peak GiB"],
+                         [[r["model"], "yes" if r["cuda_graph"] else "no", str(r["batch"]),
+                           f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:.2f}", f"{r['peak_gib']:.2f}"]
+                          if "error" not in r else [r["model"], str(r["cuda_graph"]), str(r["batch"]), r["error"], "", ""]
+                          for r in rows], numeric_from=2))
     return 0
 
 

@@ -23,9 +23,9 @@ def packed_weight(out_features, in_features, granularity, group_size, seed=0):
     return tensor, pack(tensor.codes).to(DEVICE), tensor.scales.half().to(DEVICE)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 17, 70])
-@pytest.mark.parametrize("granularity,group_size,in_features", [("group", 64, 192), ("group", 32, 96),
-                                                               ("row", 64, 72), ("tensor", 64, 90)])
+@pytest.mark.parametrize("rows", [1, 3, 5, 70])
+@pytest.mark.parametrize("granularity,group_size,in_features", [("group", 64, 192), ("group", 32, 96), ("group", 48, 96),
+                                                               ("row", 64, 80), ("tensor", 64, 784)])
 def test_matches_the_float64_reference_and_writes_every_output(rows, granularity, group_size, in_features):
     tensor, packed, scales = packed_weight(40, in_features, granularity, group_size)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -48,16 +48,37 @@ def test_poisoned_output_is_fully_overwritten(monkeypatch):
     assert got.data_ptr() == poisoned.data_ptr() and torch.isfinite(got).all()
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the packed-half GEMV is inline PTX: it runs on a CUDA GPU only")
+def test_packed_half_and_fp32_gemv_agree():
+    _, packed, scales = packed_weight(300, 576, "group", 64)
+    x = torch.randn(1, 576, device=DEVICE, dtype=torch.bfloat16)
+    fast = triton_kernels.ternary_matmul(x, packed, scales, 64, 576, f16x2=True).float()
+    plain = triton_kernels.ternary_matmul(x, packed, scales, 64, 576, f16x2=False).float()
+    assert ((fast - plain).norm() / plain.norm()) <= 1e-2
+
+
 def test_group_sizes_the_tiles_cannot_follow_are_refused():
     with pytest.raises(ValueError, match="multiple of 16"):
-        triton_kernels._block_k(24, 96)
+        triton_kernels._check_group(24, 96)
 
 
-def test_dispatch_keeps_the_reference_off_gpu_and_unless_asked(monkeypatch):
+def test_rows_of_partial_words_are_refused_and_dispatched_to_the_reference():
+    from atq.kernels import use_triton
+
+    _, packed, scales = packed_weight(8, 72, "row", 64)
+    with pytest.raises(ValueError, match="% 16"):
+        triton_kernels.ternary_matmul(torch.randn(1, 72, device=DEVICE), packed, scales, 72, 72)
+    assert not triton_kernels.supported(torch.randn(1, 72), packed, "2bit", 72)
+    assert not use_triton(torch.randn(1, 72, device=DEVICE), packed, 72, 72, "2bit")
+
+
+def test_dispatch_uses_triton_on_cuda_unless_told_otherwise(monkeypatch):
     from atq.kernels import use_triton
 
     x, packed = torch.randn(1, 64), torch.zeros(4, 16, dtype=torch.uint8)
-    monkeypatch.setenv("ATQ_KERNEL", "triton")
+    monkeypatch.delenv("ATQ_KERNEL", raising=False)
     assert not use_triton(x, packed, 64, 64, "2bit")  # CPU input: the reference
-    monkeypatch.delenv("ATQ_KERNEL")
-    assert not use_triton(x.to(DEVICE), packed.to(DEVICE), 64, 64, "2bit")  # opt-in only, for now
+    assert not use_triton(x.to(DEVICE), packed.to(DEVICE), 64, 64, "base3")  # no kernel for base-3
+    assert use_triton(x.to(DEVICE), packed.to(DEVICE), 64, 64, "2bit") == (DEVICE == "cuda")
+    monkeypatch.setenv("ATQ_KERNEL", "reference")
+    assert not use_triton(x.to(DEVICE), packed.to(DEVICE), 64, 64, "2bit")

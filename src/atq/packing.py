@@ -17,7 +17,11 @@ from __future__ import annotations
 import torch
 
 TRITS_PER_BYTE = 4
-_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    """Bit offsets of the four trits of a byte, made on ``device`` (no host copy: CUDA graphs can capture it)."""
+    return torch.arange(0, 8, 2, dtype=torch.uint8, device=device)
 
 
 def _check_codes(codes: torch.Tensor, caller: str) -> None:
@@ -52,14 +56,14 @@ def _byte_digits(codes: torch.Tensor, per_byte: int, dtype: torch.dtype) -> torc
 def pack_trits(codes: torch.Tensor) -> torch.Tensor:
     """Pack integer codes in {-1, 0, 1} along the last dimension into uint8, four per byte."""
     _check_codes(codes, "pack_trits")
-    shifted = _byte_digits(codes, TRITS_PER_BYTE, torch.uint8) << _SHIFTS.to(codes.device)
+    shifted = _byte_digits(codes, TRITS_PER_BYTE, torch.uint8) << _shifts(codes.device)
     return (shifted[..., 0] | shifted[..., 1] | shifted[..., 2] | shifted[..., 3]).contiguous()
 
 
 def unpack_trits(packed: torch.Tensor, length: int) -> torch.Tensor:
     """Inverse of ``pack_trits``: uint8 (..., ceil(length/4)) -> int8 (..., length) in {-1, 0, 1}."""
     _check_buffer(packed, packed_length(length), length, "unpack_trits")
-    fields = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 3
+    fields = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 3
     codes = fields.reshape(*packed.shape[:-1], -1)[..., :length]
     return codes.to(torch.int8) - 1
 
@@ -121,7 +125,7 @@ def check_packed(packed: torch.Tensor, length: int, name: str = "packed", layout
 
 def _check_2bit(packed: torch.Tensor, length: int, name: str) -> None:
     """Raise if any 2-bit field holds the unused code 3 or the padding is not zero (signs of corruption)."""
-    fields = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 3
+    fields = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 3
     if bool((fields == 3).any()):
         raise ValueError(f"{name}: invalid 2-bit code 3 found; the buffer is corrupted")
     padding = fields.reshape(*packed.shape[:-1], -1)[..., length:]
