@@ -67,3 +67,41 @@ def test_gguf_q_k_row_order_matches_llama_cpp(smollm2_model):
         source = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(stored.data, stored.tensor_type)))
         ours = permute_rows(getattr(model.model.layers[3].self_attn, hf).weight.detach(), heads)
         assert torch.allclose(source.reshape(ours.shape), ours, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run natively on a CUDA GPU only")
+def test_triton_kernels_on_real_activations_and_perplexity(smollm2_model, data_dir, monkeypatch):
+    """The CUDA default path on the packed SmolLM2 in bf16. Per layer, on the activations each layer really sees
+    (one token: the GEMV; six: the GEMM), the output is compared with the float64 product of the dequantized
+    weights; end to end, the perplexity with the unpack-then-matmul reference. (Whole-model logits are no test:
+    a weight-only ternary model amplifies bf16 rounding differences chaotically, whichever kernel rounds.)"""
+    import copy
+
+    from atq.layers import PackedTernaryLinear
+
+    model, tokenizer = smollm2_model
+    ternary = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    quantize(ternary, QuantConfig(group_size=64), quiet=True)
+    layers = {name: m for name, m in ternary.named_modules() if isinstance(m, PackedTernaryLinear)}
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0].detach()))
+             for name, m in layers.items()]
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids.cuda()
+    monkeypatch.setenv("ATQ_KERNEL", "reference")
+    for tokens in (ids[:, :1], ids[:, :6]):
+        with torch.no_grad():
+            ternary(tokens)
+        for name, layer in layers.items():
+            exact = inputs[name].double() @ layer.dequantize(torch.float64).T
+            monkeypatch.setenv("ATQ_KERNEL", "triton")
+            with torch.no_grad():
+                got = layer(inputs[name]).double()
+            monkeypatch.setenv("ATQ_KERNEL", "reference")
+            assert (got - exact).norm() / exact.norm() <= 1e-2, (name, tokens.shape)
+    for hook in hooks:
+        hook.remove()
+    scores = {}
+    for kernel in ("reference", "triton"):
+        monkeypatch.setenv("ATQ_KERNEL", kernel)
+        scores[kernel] = perplexity(ternary, tokenizer, "wikitext2", seq_len=512, max_windows=4, quiet=True)
+    assert scores["triton"] == pytest.approx(scores["reference"], rel=2e-2), scores
