@@ -3,7 +3,9 @@
     python benchmarks/qat_smollm2.py --minutes 20 --segment-minutes 9 --workdir out/qat-bench [--out FILE]
 
 No outside text: the training windows are sampled from the FP model (cached in the workdir), the PTQ starting
-point is calibrated on those same generated windows, and only the evaluation reads WikiText-2 test.
+point is calibrated on those same generated windows, and only the evaluation reads WikiText-2 test. With
+``--mix-valid N``, N windows of WikiText-2 validation text join the training data (the PTQ start stays
+generated-only), for the issue's run "with validation text mixed in".
 
 A device call lasts at most 10 minutes, so the run is made of segments: each invocation with the same
 ``--workdir`` continues where the last stopped (token cache, PTQ init artifact, training checkpoint and the
@@ -57,6 +59,9 @@ def main() -> int:
     parser.add_argument("--segment-minutes", type=float, default=9.0, help="training time of this invocation")
     parser.add_argument("--compare-seconds", type=float, default=40.0, help="training time of each variant")
     parser.add_argument("--windows", type=int, default=8192, help="generated training windows")
+    parser.add_argument("--mix-valid", type=int, default=0,
+                        help="also train on this many WikiText-2 *validation* windows (the issue's mixed run; "
+                             "use another --workdir and --out, e.g. results/qat_smollm2_mixed.json)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -82,6 +87,11 @@ def main() -> int:
     data = cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, work / "tokens.safetensors",
                                     batch_size=args.generate_batch)
     generate_seconds = time.perf_counter() - started
+    if args.mix_valid:  # train() reshuffles every epoch, so appending is mixing
+        valid = token_windows(tokenizer, load_text("wikitext2_valid"), args.seq_len, args.mix_valid)
+        data = torch.cat([data.to(torch.long), valid])
+    source = f"generated {args.windows} x {args.seq_len}" + (
+        f" + WikiText-2 validation {args.mix_valid} x {args.seq_len}" if args.mix_valid else "")
 
     def ppl(model, windows) -> float:
         with torch.no_grad():
@@ -155,7 +165,7 @@ def main() -> int:
         "variants": meta["variants"], "variant": meta["variant"],
         "generate_seconds": meta["generate_seconds"], "ptq_seconds": meta["ptq_seconds"],
         "config": {"train": asdict(config),
-                   "ptq_init": PTQ_INIT.to_dict(), "data": f"generated {args.windows} x {args.seq_len}",
+                   "ptq_init": PTQ_INIT.to_dict(), "data": source,
                    "teacher": "FP model (bf16)", "loss": "logit KL, T=1"},
     }
     write_json(args.out, result)

@@ -86,6 +86,18 @@ def test_train_data_free_in_timed_segments_with_learned_scales(tiny_model_dir, t
                  "--max-windows", "2", "--device", "cpu", "--quiet"]) == 0
 
 
+def test_train_mixes_generated_windows_with_a_text(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "mixed"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", f"generated+{text_file}", "--windows", "3",
+                 "--seq-len", "12", "--steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--out", str(out),
+                 "--device", "cpu", "--quiet"]) == 0
+    assert "6x12" in capsys.readouterr().out  # three windows from each source
+    assert (tmp_path / "mixed.tokens.safetensors").is_file()
+    assert main(["train", "--model", str(tiny_model_dir), "--data", "generated+missing.txt", "--out",
+                 str(tmp_path / "bad"), "--device", "cpu", "--quiet"]) == 2  # refused before any model loads
+    assert "missing.txt" in capsys.readouterr().err and not list(tmp_path.glob("bad*"))
+
+
 def test_train_under_torchrun_with_two_cpu_processes(tiny_model_dir, text_file, tmp_path):
     import subprocess
     import sys

@@ -74,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = commands.add_parser("train", help="quantization-aware training with distillation from the FP model")
     t.add_argument("--model", default="smollm2", help="the FP model (teacher; student too without --init)")
     t.add_argument("--init", default=None, help="start from this PTQ artifact directory")
-    t.add_argument("--data", default="generated", help="wikitext2_valid, a text file, or generated (data-free)")
-    t.add_argument("--windows", type=int, default=256, help="training windows (generated or cut from --data)")
+    t.add_argument("--data", default="generated",
+                   help="wikitext2_valid, a text file, or generated (data-free); mix sources with +, e.g. "
+                        "generated+wikitext2_valid")
+    t.add_argument("--windows", type=int, default=256,
+                   help="training windows per source (generated, or cut from the text)")
     t.add_argument("--seq-len", type=int, default=512)
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=8)
@@ -207,19 +210,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
                          hidden_weight=args.hidden_weight, compile=args.compile)
-    text = None if args.data == "generated" else load_text(args.data)
+    sources = args.data.split("+")
+    texts = {source: load_text(source) for source in sources if source != "generated"}  # fail before loading models
     rank, device = _init_distributed(args.device)
     teacher, tokenizer = load_model(args.model, device=device)
     student = load_model(args.init, device=device)[0] if args.init else copy.deepcopy(teacher)
-    if text is None:
-        cache = args.cache or f"{args.out}.tokens.safetensors"
-        if rank == 0:  # one process samples; the others read the cache it writes
-            windows = cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, cache, quiet=args.quiet)
-        _barrier()
-        if rank != 0:
-            windows = cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, cache, quiet=True)
-    else:
-        windows = token_windows(tokenizer, text, args.seq_len, args.windows)
+    parts = []
+    for source in sources:
+        if source == "generated":
+            cache = args.cache or f"{args.out}.tokens.safetensors"
+            if rank == 0:  # one process samples; the others read the cache it writes
+                parts.append(cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, cache,
+                                                      quiet=args.quiet))
+            _barrier()
+            if rank != 0:
+                parts.append(cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, cache,
+                                                      quiet=True))
+        else:
+            parts.append(token_windows(tokenizer, texts[source], args.seq_len, args.windows))
+    windows = torch.cat([part.to(torch.long) for part in parts])  # train() reshuffles every epoch
     prepare_qat(student, getattr(student, "atq_config", None) or QuantConfig(),
                 learned_scales=args.learned_scales, dead_zone_bias=args.dead_zone_bias)
     history = train(student, windows, config, teacher=None if args.no_teacher else teacher,
