@@ -68,7 +68,7 @@ def test_rows_of_partial_words_are_refused_and_dispatched_to_the_reference():
     _, packed, scales = packed_weight(8, 72, "row", 64)
     with pytest.raises(ValueError, match="% 16"):
         triton_kernels.ternary_matmul(torch.randn(1, 72, device=DEVICE), packed, scales, 72, 72)
-    assert not triton_kernels.supported(torch.randn(1, 72), packed, "2bit", 72)
+    assert not triton_kernels.supported(torch.randn(1, 72), packed, "2bit", 72, 72)
     assert not use_triton(torch.randn(1, 72, device=DEVICE), packed, 72, 72, "2bit")
 
 

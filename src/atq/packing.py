@@ -24,6 +24,11 @@ def _shifts(device: torch.device) -> torch.Tensor:
     return torch.arange(0, 8, 2, dtype=torch.uint8, device=device)
 
 
+def _fields(packed: torch.Tensor) -> torch.Tensor:
+    """The four 2-bit fields of every byte: uint8 (..., bytes) -> (..., bytes, 4), stored digits 0..3."""
+    return (packed.unsqueeze(-1) >> _shifts(packed.device)) & 3
+
+
 def _check_codes(codes: torch.Tensor, caller: str) -> None:
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise TypeError(f"{caller} expects an integer tensor, got {codes.dtype}")
@@ -63,7 +68,7 @@ def pack_trits(codes: torch.Tensor) -> torch.Tensor:
 def unpack_trits(packed: torch.Tensor, length: int) -> torch.Tensor:
     """Inverse of ``pack_trits``: uint8 (..., ceil(length/4)) -> int8 (..., length) in {-1, 0, 1}."""
     _check_buffer(packed, packed_length(length), length, "unpack_trits")
-    fields = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 3
+    fields = _fields(packed)
     codes = fields.reshape(*packed.shape[:-1], -1)[..., :length]
     return codes.to(torch.int8) - 1
 
@@ -125,7 +130,7 @@ def check_packed(packed: torch.Tensor, length: int, name: str = "packed", layout
 
 def _check_2bit(packed: torch.Tensor, length: int, name: str) -> None:
     """Raise if any 2-bit field holds the unused code 3 or the padding is not zero (signs of corruption)."""
-    fields = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 3
+    fields = _fields(packed)
     if bool((fields == 3).any()):
         raise ValueError(f"{name}: invalid 2-bit code 3 found; the buffer is corrupted")
     padding = fields.reshape(*packed.shape[:-1], -1)[..., length:]

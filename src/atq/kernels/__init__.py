@@ -22,13 +22,11 @@ __all__ = ["dequantize_packed", "ternary_linear", "use_triton"]
 def use_triton(x: torch.Tensor, packed: torch.Tensor, group_size: int, in_features: int, layout: str) -> bool:
     if not x.is_cuda or os.environ.get("ATQ_KERNEL", "triton") == "reference":
         return False
-    if group_size < in_features and group_size % 16:
-        return False
     try:
         from . import triton as triton_kernels
     except ImportError:
         return False
-    return triton_kernels.supported(x, packed, layout, in_features)
+    return triton_kernels.supported(x, packed, layout, in_features, group_size)
 
 
 def ternary_linear(

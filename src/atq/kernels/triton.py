@@ -39,8 +39,9 @@ GEMV_MAX_ROWS = 4  # fewer rows: one GEMV program per row; more: the GEMM (a gue
 _ON_GPU = torch.cuda.is_available()
 
 
-def supported(x: torch.Tensor, packed: torch.Tensor, layout: str, in_features: int) -> bool:
-    return (layout == "2bit" and packed.dim() == 2 and in_features % 16 == 0
+def supported(x: torch.Tensor, packed: torch.Tensor, layout: str, in_features: int, group_size: int) -> bool:
+    """Whether the kernels take this product; everything else goes to the torch reference."""
+    return (layout == "2bit" and packed.dim() == 2 and in_features % 16 == 0 and _group_fits(group_size, in_features)
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
@@ -49,9 +50,13 @@ def _tuned(configs: list[triton.Config], key: list[str]):
     return triton.autotune(configs=configs if _ON_GPU else configs[:1], key=key)
 
 
-def _check_group(group_size: int, in_features: int) -> None:
+def _group_fits(group_size: int, in_features: int) -> bool:
     """Scales are looked up per int32 word (16 columns), so a group must be whole words or span the row."""
-    if group_size < in_features and group_size % 16:
+    return group_size >= in_features or group_size % 16 == 0
+
+
+def _check_group(group_size: int, in_features: int) -> None:
+    if not _group_fits(group_size, in_features):
         raise ValueError(f"group_size {group_size} must be a multiple of 16 (or span the row) for the Triton kernel")
 
 
@@ -102,12 +107,6 @@ def _fp16_pair(x_ptr, base, q, p: tl.constexpr, mask):
     lo = tl.load(x_ptr + base + 16 * q + p, mask=mask, other=0.0).to(tl.float16).to(tl.int16, bitcast=True)
     hi = tl.load(x_ptr + base + 16 * q + 8 + p, mask=mask, other=0.0).to(tl.float16).to(tl.int16, bitcast=True)
     return (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
-
-@triton.jit
-def _magic_code(digits):
-    """Stored digits 0/1/2 (int32) -> float32 -1/0/+1 through the mantissa of 2^23 (no int->float conversion)."""
-    return (digits | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0
-
 
 _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=1)
                  for n, w, warps in [(8, 128, 4), (16, 128, 4), (4, 256, 4), (8, 256, 8), (16, 64, 4), (4, 128, 2),
@@ -224,7 +223,7 @@ def _gemm(x_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, s
         x_next, words_next, scale_next = _gemm_tiles(  # issued before this tile is unpacked and multiplied
             x_ptr, w_ptr, scales_ptr, rows_m, rows_n, m_mask, n_mask, k0, K, KW, stride_xm, stride_wn, stride_sn,
             GROUP_W, BLOCK_K)
-        code = _magic_code((words[:, :, None] >> shifts[None, None, :]) & 3)  # (BLOCK_N, BLOCK_K / 16, 16)
+        code = _trit(words[:, :, None] >> shifts[None, None, :], 0)  # (BLOCK_N, BLOCK_K / 16, 16)
         weight = tl.reshape(code * scale.to(tl.float32)[:, :, None], (BLOCK_N, BLOCK_K)).to(x.dtype)
         acc = tl.dot(x, tl.trans(weight), acc)
         x, words, scale = x_next, words_next, scale_next
