@@ -1,8 +1,11 @@
 """Post-training ternarisation table for SmolLM2-135M-Instruct on the full WikiText-2 test split.
 
     python benchmarks/ptq_table.py [--model smollm2] [--out results/ptq_smollm2.json] [--max-windows N]
+                                   [--only TEXT ...] [--set FIELD=VALUE ...] [--merge]
 
-Rows: FP32, the seed preset, per-row and per-group(64) scales at 50% sparsity, and MSE-optimal thresholds.
+Rows: FP32, the seed preset, per-row and per-group(64) scales at 50% sparsity, MSE-optimal thresholds, then the
+calibrated recipes (GPTQ compensation, block reconstruction, trit-planes, mixed precision, Hadamard rotation,
+end-to-end tuning). ``--set`` runs variants of the selected methods with config fields overridden.
 Each row: perplexity (GPTQ protocol, 2048-token windows), bits per ternary weight including fp16 scales, the
 size of the saved artifact, and the time ``quantize`` took. Uses the GPU when one is present.
 """
@@ -53,6 +56,24 @@ METHODS += [
     ("group 128, 2 planes base-3, reconstruction of scales and latent weights (lr 5e-5)",
      CALIBRATED.replace(planes=2, packing="base3", group_size=128, reconstruct_steps=256,
                         reconstruct_weight_lr=5e-5)),
+    ("group 128, 2 planes base-3, Hadamard rotation, calibrated + compensation + block reconstruction",
+     CALIBRATED.replace(planes=2, packing="base3", group_size=128, reconstruct_steps=256, rotation="hadamard")),
+    ("group 96, 2 planes base-3, Hadamard rotation, calibrated + compensation + block reconstruction",
+     CALIBRATED.replace(planes=2, packing="base3", group_size=96, reconstruct_steps=256, rotation="hadamard")),
+    ("group 64, Hadamard rotation, calibrated + compensation + block reconstruction",
+     CALIBRATED.replace(reconstruct_steps=96, rotation="hadamard")),
+    ("group 96, 2 planes base-3, Hadamard rotation, calibrated + compensation + block reconstruction + end-to-end",
+     CALIBRATED.replace(planes=2, packing="base3", group_size=96, reconstruct_steps=256, rotation="hadamard",
+                        end_to_end_steps=128)),
+    ("group 128, 2 planes base-3, Hadamard rotation, calibrated + compensation + block reconstruction + end-to-end",
+     CALIBRATED.replace(planes=2, packing="base3", group_size=128, reconstruct_steps=256, rotation="hadamard",
+                        end_to_end_steps=128)),
+    (("group 128, 2 planes base-3, Hadamard rotation, calibrated + compensation + block reconstruction + end-to-end, "
+      "fast (64 windows, 64 + 64 steps)"),
+     CALIBRATED.replace(planes=2, packing="base3", group_size=128, reconstruct_steps=64, rotation="hadamard",
+                        end_to_end_steps=64, calibration_windows=64)),
+    ("group 64, Hadamard rotation, calibrated + compensation + block reconstruction + end-to-end",
+     CALIBRATED.replace(reconstruct_steps=96, rotation="hadamard", end_to_end_steps=128)),
 ]
 
 
@@ -72,11 +93,19 @@ def main() -> int:
     parser.add_argument("--calibration-windows", type=int, default=None, help="override calibration windows")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only methods whose name contains one of these texts")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="override QuantConfig fields of the methods run (values parsed as JSON, else text); "
+                             "the overrides are appended to each method's name")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of methods not run now from an existing --out file (the whole table "
                              "takes longer than one 10-minute device call)")
     args = parser.parse_args()
 
+    overrides = dict(_assignment(text) for text in args.set)
+    try:
+        QuantConfig().replace(**overrides)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"--set: {error}") from error
     fp_model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
     windows = token_windows(tokenizer, load_text(args.data), args.seq_len, args.max_windows)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -99,6 +128,9 @@ def main() -> int:
             continue
         if args.calibration_windows and config.calibration:
             config = config.replace(calibration_windows=args.calibration_windows)
+        if overrides:
+            config = config.replace(**overrides)
+            method = f"{method} [{', '.join(args.set)}]"
         model = copy.deepcopy(fp_model).to(args.device)
         _sync(args.device)
         start = time.perf_counter()
@@ -122,11 +154,22 @@ def main() -> int:
     return 0
 
 
+def _assignment(text: str) -> tuple[str, object]:
+    field, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--set expects FIELD=VALUE, got {text!r}")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
+
+
 def merged(rows: list[dict], previous: list[dict]) -> list[dict]:
     """Rows measured now, plus earlier rows of the other methods, in the order of METHODS."""
     by_method = {row["method"]: row for row in previous} | {row["method"]: row for row in rows}
     order = ["FP32"] + [method for method, _ in METHODS]
-    return [by_method[m] for m in order if m in by_method]
+    known = [by_method[m] for m in order if m in by_method]
+    return known + [row for m, row in by_method.items() if m not in order]  # --set variants, after the table
 
 
 def markdown_table(report: dict) -> str:

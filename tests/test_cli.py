@@ -47,10 +47,13 @@ def test_calibrated_two_plane_mixed_precision_from_the_cli(tiny_model_dir, text_
     out = tmp_path / "calibrated"
     code = main(["quantize", "--model", str(tiny_model_dir), "--calibration", str(text_file),
                  "--calibration-windows", "4", "--calibration-seq-len", "16", "--planes", "2", "--packing", "base3",
-                 "--reconstruct-steps", "5", "--fp-fraction", "0.2", "--out", str(out), "--device", "cpu", "--quiet"])
+                 "--reconstruct-steps", "5", "--fp-fraction", "0.2", "--rotation", "hadamard", "--end-to-end-steps", "3",
+                 "--out", str(out), "--device", "cpu", "--quiet"])
     assert code == 0, capsys.readouterr().err
     meta = json.loads((out / ARTIFACT_CONFIG).read_text())
     assert meta["quant_config"]["planes"] == 2 and meta["quant_config"]["calibration"] == str(text_file)
+    assert meta["quant_config"]["rotation"] == "hadamard" and meta["quant_config"]["end_to_end_steps"] == 3
+    assert meta["model_config"]["tie_word_embeddings"] is False  # the rotation untied the head
     layers = meta["layers"].values()
     assert sum(layer["precision"] == "fp" for layer in layers) == 1 + round(0.2 * 14)  # head + kept layers
     assert all(layer["layout"] == "base3" and layer["planes"] == 2 for layer in layers if layer["precision"] != "fp")

@@ -254,6 +254,49 @@ class _TunableTernary(nn.Module):
         return self.layer
 
 
+def _swap_in_tunables(
+    module: nn.Module, weight_lr: float, starts: dict[str, torch.Tensor]
+) -> tuple[dict[str, _TunableTernary], list[nn.Parameter], dict[int, bool]]:
+    """Replace every PackedTernaryLinear under ``module`` by its tunable stand-in; make the other parameters
+    trainable. Returns (stand-ins by name, FP parameters, their previous requires_grad) for ``_swap_out``."""
+    tunables = {name: _TunableTernary(m, latent=weight_lr > 0, start=starts.get(name))
+                for name, m in module.named_modules() if isinstance(m, PackedTernaryLinear)}
+    for name, tunable in tunables.items():
+        set_module(module, name, tunable)
+    fp_params = [p for n, p in module.named_parameters() if not n.endswith((".scales", ".latent"))]
+    saved = {id(p): p.requires_grad for p in fp_params}
+    for p in fp_params:
+        p.requires_grad_(True)
+    return tunables, fp_params, saved
+
+
+@torch.no_grad()
+def _swap_out(module: nn.Module, tunables: dict[str, _TunableTernary], fp_params: list[nn.Parameter],
+              saved: dict[int, bool]) -> None:
+    for name, tunable in tunables.items():
+        set_module(module, name, tunable.write_back())
+    for p in fp_params:
+        p.requires_grad_(saved[id(p)])
+
+
+def _train(loss_on: Any, count: int, steps: int, groups: list[dict[str, Any]]) -> tuple[float, float]:
+    """Adam on ``groups`` for ``steps`` random batches of ``count``; the mean loss over all batches before and
+    after."""
+    optimizer = torch.optim.Adam(groups)
+    with torch.no_grad():
+        before = sum(float(loss_on(i)) for i in range(count)) / count
+    generator = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        for _ in range(steps):
+            index = int(torch.randint(count, (1,), generator=generator))
+            optimizer.zero_grad(set_to_none=True)
+            loss_on(index).backward()
+            optimizer.step()
+    with torch.no_grad():
+        after = sum(float(loss_on(i)) for i in range(count)) / count
+    return before, after
+
+
 def reconstruct_block(
     block: nn.Module,
     batches: list[tuple[torch.Tensor, dict[str, Any]]],
@@ -267,20 +310,10 @@ def reconstruct_block(
     reproduces the FP block's outputs; with ``weight_lr`` > 0 the latent weights too (codes may change),
     starting from ``starts`` (layer name -> GPTQ's rounded values) where given.
     Returns (loss before, loss after) on the calibration batches."""
-    starts = starts or {}
-    tunables = {name: _TunableTernary(m, latent=weight_lr > 0, start=starts.get(name))
-                for name, m in block.named_modules() if isinstance(m, PackedTernaryLinear)}
-    for name, tunable in tunables.items():
-        set_module(block, name, tunable)
-    fp_params = [p for n, p in block.named_parameters() if not n.endswith((".scales", ".latent"))]
-    saved = {id(p): p.requires_grad for p in fp_params}
-    for p in fp_params:
-        p.requires_grad_(True)
-    params = [t.scales for t in tunables.values()]
-    groups = [{"params": params, "lr": lr}, {"params": fp_params, "lr": lr * 0.1}]
+    tunables, fp_params, saved = _swap_in_tunables(block, weight_lr, starts or {})
+    groups = [{"params": [t.scales for t in tunables.values()], "lr": lr}, {"params": fp_params, "lr": lr * 0.1}]
     if weight_lr > 0:
         groups.append({"params": [t.latent for t in tunables.values()], "lr": weight_lr})
-    optimizer = torch.optim.Adam(groups)
 
     def loss_on(index: int) -> torch.Tensor:
         hidden, kwargs = batches[index]
@@ -289,22 +322,64 @@ def reconstruct_block(
             output = _block_output(block(hidden, **kwargs))
         return F.mse_loss(output.float(), targets[index])
 
-    with torch.no_grad():
-        before = sum(float(loss_on(i)) for i in range(len(batches))) / len(batches)
-    generator = torch.Generator().manual_seed(0)
-    with torch.enable_grad():
-        for _ in range(steps):
-            index = int(torch.randint(len(batches), (1,), generator=generator))
-            optimizer.zero_grad(set_to_none=True)
-            loss_on(index).backward()
-            optimizer.step()
-    with torch.no_grad():
-        after = sum(float(loss_on(i)) for i in range(len(batches))) / len(batches)
-        for name, tunable in tunables.items():
-            set_module(block, name, tunable.write_back())
-    for p in fp_params:
-        p.requires_grad_(saved[id(p)])
-    return before, after
+    try:
+        return _train(loss_on, len(batches), steps, groups)
+    finally:
+        _swap_out(block, tunables, fp_params, saved)
+
+
+@torch.no_grad()
+def capture_head_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The FP model's inputs to its output embedding (the final hidden states, after the last norm), per batch:
+    with the head kept FP they give back the FP logits on demand, at 1/85th of the logits' memory here."""
+    head, device = model.get_output_embeddings(), next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    try:
+        for start in range(0, len(windows), batch_size):
+            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def tune_end_to_end(
+    model: nn.Module, windows: torch.Tensor, head_inputs: list[torch.Tensor], steps: int, lr: float,
+    batch_size: int,
+) -> tuple[float, float]:
+    """Tune every ternary layer's scales (and, at lr/10, the norms and other FP parameters of the decoder, not the
+    embeddings) so the whole quantized model's next-token distribution matches the FP model's: KL(FP ‖ model)
+    on the calibration windows, codes fixed (EfficientQAT's end-to-end phase, E2E-QP). Block reconstruction
+    matches each block's output alone; this corrects what the blocks' errors do together at the logits.
+    Returns the mean KL before and after."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    frozen = {id(head.weight), id(embedding.weight)}
+    saved_frozen = {id(p): p.requires_grad for p in model.parameters() if id(p) in frozen}
+    tunables, fp_params, saved = _swap_in_tunables(model, 0.0, {})
+    fp_params = [p for p in fp_params if id(p) not in frozen]
+    for p in model.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+    groups = [{"params": [t.scales for t in tunables.values()], "lr": lr}, {"params": fp_params, "lr": lr * 0.1}]
+    device = next(model.parameters()).device
+
+    def loss_on(index: int) -> torch.Tensor:
+        ids = windows[index * batch_size : (index + 1) * batch_size].to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
+            logits = model(input_ids=ids, use_cache=False).logits
+            with torch.no_grad():
+                target = head(head_inputs[index])
+        vocab = logits.shape[-1]
+        return F.kl_div(F.log_softmax(logits.float().reshape(-1, vocab), -1),
+                        F.log_softmax(target.float().reshape(-1, vocab), -1), log_target=True, reduction="batchmean")
+
+    try:
+        return _train(loss_on, len(head_inputs), steps, groups)
+    finally:
+        _swap_out(model, tunables, fp_params, saved)
+        for p in model.parameters():
+            if id(p) in saved_frozen:
+                p.requires_grad_(saved_frozen[id(p)])
 
 
 def quantize_block_layers(
@@ -356,6 +431,7 @@ def calibrated_quantize(
         raise ValueError(f"calibrated quantization handles layers inside decoder blocks only; got {outside[:3]}")
     was_training = model.training
     model.eval()
+    head_inputs = capture_head_inputs(model, windows, batch_size) if config.end_to_end_steps else None
     batches = capture_block_inputs(model, blocks[0], windows, batch_size)
     # the FP model's own activations, kept alongside when reconstruction targets them
     fp_batches = batches if config.reconstruct_steps and config.reconstruct_target == "fp" else None
@@ -388,5 +464,9 @@ def calibrated_quantize(
         batches = [(out, kw) for out, (_, kw) in zip(run_block(block, batches), batches)]
         if fp_outputs is not None:
             fp_batches = [(out, kw) for out, (_, kw) in zip(fp_outputs, fp_batches)]
+    if head_inputs is not None:
+        before, after = tune_end_to_end(model, windows, head_inputs, config.end_to_end_steps, config.end_to_end_lr,
+                                        batch_size)
+        log.info("end-to-end tuning KL %.4g -> %.4g", before, after)
     model.train(was_training)
     return extras

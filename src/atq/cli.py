@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .bench import directory_bytes, model_stats
-from .config import GRANULARITIES, MODES, QuantConfig
+from .config import GRANULARITIES, MODES, ROTATIONS, QuantConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block-wise reconstruction steps per decoder block (0: off)")
     q.add_argument("--reconstruct-weight-lr", type=float, default=defaults.reconstruct_weight_lr,
                    help="also train latent weights in reconstruction at this learning rate (0: scales only)")
+    q.add_argument("--end-to-end-steps", type=int, default=defaults.end_to_end_steps,
+                   help="after the blocks, tune all scales against the FP model's logits for this many steps (0: off)")
+    q.add_argument("--rotation", choices=ROTATIONS, default=defaults.rotation,
+                   help="rotate a Llama-family model first (same function, fewer outliers per group)")
     q.add_argument("--fp-fraction", type=float, default=defaults.fp_fraction,
                    help="fraction of layers kept FP, the most sensitive (needs --calibration)")
     q.add_argument("--sensitivity", choices=["gradient", "measured"], default=defaults.sensitivity)
@@ -132,7 +136,8 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
         calibration=args.calibration, calibration_windows=args.calibration_windows,
         calibration_seq_len=args.calibration_seq_len, compensation=not args.no_compensation,
         reconstruct_steps=args.reconstruct_steps, reconstruct_weight_lr=args.reconstruct_weight_lr,
-        fp_fraction=args.fp_fraction, sensitivity=args.sensitivity,
+        fp_fraction=args.fp_fraction, sensitivity=args.sensitivity, rotation=args.rotation,
+        end_to_end_steps=args.end_to_end_steps,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 MODES = ("sparsity", "magnitude", "mse", "absmean")
 GRANULARITIES = ("tensor", "row", "group")
+ROTATIONS = ("none", "hadamard", "orthogonal")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,12 @@ class QuantConfig:
     every decoder block's scales against the FP block's output (block-wise reconstruction) at ``reconstruct_lr``;
     ``reconstruct_target`` ``fp``: the FP model's own activations (a block also learns to undo the drift of
     the blocks before it), ``block``: the FP block applied to the quantized inputs; ``reconstruct_weight_lr``
-    > 0 also trains latent weights through the straight-through estimator, so codes can change (Block-AP).
+    > 0 also trains latent weights through the straight-through estimator, so codes can change (Block-AP);
+    ``end_to_end_steps`` > 0 finally tunes all scales (norms at a tenth of the rate) at ``end_to_end_lr`` so the
+    whole model's next-token distribution matches the FP model's on the calibration windows (KL, codes fixed).
+
+    rotation: ``hadamard`` or ``orthogonal`` first rotates a Llama-family model by random orthogonal matrices
+        fused into its weights (rotation.py: same function, outliers spread over every group), ``none`` not.
 
     Mixed precision: ``fp_fraction`` of the selected layers, the most sensitive by the ``sensitivity`` score
     (``gradient``: E[|g ⊙ ΔW|]; ``measured``: loss increase with that layer alone ternarised), stay FP.
@@ -73,6 +79,9 @@ class QuantConfig:
     reconstruct_lr: float = 1e-3
     reconstruct_target: str = "fp"
     reconstruct_weight_lr: float = 0.0
+    end_to_end_steps: int = 0
+    end_to_end_lr: float = 1e-4
+    rotation: str = "none"
     fp_fraction: float = 0.0
     sensitivity: str = "gradient"
 
@@ -94,7 +103,7 @@ class QuantConfig:
         )
 
         for name, low in (("planes", 1), ("calibration_windows", 1), ("calibration_seq_len", 2), ("block_size", 1),
-                          ("reconstruct_steps", 0)):
+                          ("reconstruct_steps", 0), ("end_to_end_steps", 0)):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, name,
                    f"an integer >= {low}", value)
@@ -104,6 +113,7 @@ class QuantConfig:
                self.sensitivity)
         _check(self.reconstruct_target in ("fp", "block"), "reconstruct_target", "one of ('fp', 'block')",
                self.reconstruct_target)
+        _check(self.rotation in ROTATIONS, "rotation", f"one of {ROTATIONS}", self.rotation)
         _check(self.packing in ("2bit", "base3"), "packing", "one of ('2bit', 'base3')", self.packing)
         _check(self.activations in ("fp", "int8"), "activations", "one of ('fp', 'int8')", self.activations)
         _check(self.mode != "sparsity" or self.planes == 1 or self.calibration is None, "planes",
@@ -112,6 +122,8 @@ class QuantConfig:
         _check(_is_real(self.damp) and self.damp > 0, "damp", "a finite number > 0", self.damp)
         _check(_is_real(self.reconstruct_lr) and self.reconstruct_lr > 0, "reconstruct_lr", "a finite number > 0",
                self.reconstruct_lr)
+        _check(_is_real(self.end_to_end_lr) and self.end_to_end_lr > 0, "end_to_end_lr", "a finite number > 0",
+               self.end_to_end_lr)
         _check(_is_real(self.reconstruct_weight_lr) and self.reconstruct_weight_lr >= 0, "reconstruct_weight_lr",
                "a finite number >= 0", self.reconstruct_weight_lr)
         _check(self.calibration is None or (isinstance(self.calibration, str) and self.calibration != ""),

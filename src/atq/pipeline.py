@@ -45,7 +45,16 @@ def quantize(
     for name, weight in weights.items():
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}.weight contains NaN/Inf values; ternarisation needs finite weights")
+    if config.rotation != "none":
+        from .rotation import check_rotatable
+
+        check_rotatable(model)
     windows = calibration_windows(model, config, calibration, tokenizer)
+    if config.rotation != "none":
+        from .rotation import rotate_model
+
+        rotate_model(model, config.rotation)  # the same function; the weights to ternarise change
+        weights = {name: linear_weight(module).detach() for name, module in layers.items()}
     scores: dict[str, float] = {}
     if config.fp_fraction > 0:
         from .sensitivity import keep_in_fp, sensitivity

@@ -1,0 +1,173 @@
+"""Rotate a Llama-family model by orthogonal matrices that leave its function unchanged (QuaRot / SpinQuant's
+R1 and R2, fused into the weights offline), so that its linear layers are easier to ternarise.
+
+Why: a few large weights and input channels set each group's scale, and everything smaller rounds to zero.
+Mixing every input channel with every other through a random orthogonal Q spreads those outliers over the
+group ("incoherence processing", QuIP), while the model's output stays the same up to float rounding:
+
+* the residual stream is rotated, h -> h·Q: the embedding becomes E·Q, every layer that reads the stream
+  W·Q (q/k/v, gate/up, the head), every layer that writes it Qᵀ·W (o, down). RMSNorm commutes with Q once
+  its gain has been folded into the layers after it (rms(h·Q) = rms(h)), so every gain becomes 1;
+* each attention head's values are rotated by a second R (head_dim wide): v_proj's rows per key-value head
+  Rᵀ·W_v, o_proj's columns per head W_o·R; attention mixes value vectors linearly, so R passes through.
+
+Nothing runs at inference time: the rotated model is a plain model of the same class. A tied head is untied
+(it now differs from the embedding by the final norm's gain), which costs one FP copy of the embedding.
+down_proj's input is not rotated: that needs an online rotation at inference (QuaRot's online Hadamard).
+
+Rotations: ``hadamard`` (a Hadamard matrix times random signs, scaled to be orthogonal: the flattest mixing,
+which SpinQuant found better than random orthogonal) for widths with a construction here (2^k, 12·2^k,
+144·2^k; SmolLM2's 576 = 144·4), else ``orthogonal`` (QR of a Gaussian matrix), both from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ROTATIONS
+
+_NORM_SUFFIX = "RMSNorm"
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < n:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix
+
+
+def _paley12() -> torch.Tensor:
+    """Hadamard matrix of order 12 by Paley's first construction over GF(11) (11 ≡ 3 mod 4)."""
+    q = 11
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = [0] + [1 if a in residues else -1 for a in range(1, q)]
+    jacobsthal = torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
+    skew = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    skew[0, 1:], skew[1:, 0], skew[1:, 1:] = 1.0, -1.0, jacobsthal
+    return skew + torch.eye(q + 1, dtype=torch.float64)
+
+
+def hadamard(n: int) -> torch.Tensor | None:
+    """A ±1 matrix H with H·Hᵀ = n·I for n = 2^k, 12·2^k or 144·2^k (Kronecker products), else None."""
+    for base, factor in ((1, None), (12, 1), (144, 2)):
+        power = n // base
+        if n % base == 0 and power & (power - 1) == 0:
+            matrix = _sylvester(power)
+            for _ in range(factor or 0):
+                matrix = torch.kron(_paley12(), matrix)
+            return matrix
+    return None
+
+
+def random_rotation(n: int, kind: str, seed: int) -> torch.Tensor:
+    """An n×n orthogonal matrix (float64): random-signed Hadamard where ``kind`` is ``hadamard`` and a
+    construction exists, otherwise the Q of a Gaussian matrix's QR (signs fixed so the draw is uniform)."""
+    generator = torch.Generator().manual_seed(seed)
+    matrix = hadamard(n) if kind == "hadamard" else None
+    if matrix is not None:
+        signs = torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
+        return matrix * signs / n**0.5
+    gaussian = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _llama_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """(base model, decoder layers, head) of a Llama-style model, or a ValueError naming what is missing."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    head = getattr(model, "lm_head", None)
+    required = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    problem = None
+    if base is None or layers is None or head is None or not hasattr(base, "embed_tokens") or not hasattr(base, "norm"):
+        problem = "no model.embed_tokens / model.layers / model.norm / lm_head"
+    else:
+        for layer in layers:
+            missing = [p for p in required if not _has(layer, p)]
+            if missing:
+                problem = f"a decoder layer lacks {missing}"
+                break
+        norms = [base.norm] + [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if problem is None and not all(type(m).__name__.endswith(_NORM_SUFFIX) for m in norms):
+            problem = "its norms are not RMSNorm (a LayerNorm subtracts the mean, which a rotation does not keep)"
+        if problem is None and any(type(m).__name__.startswith("Gemma") for m in norms):
+            problem = "Gemma's RMSNorm scales by (1 + weight)"
+    if problem is not None:
+        raise ValueError(f"rotation supports Llama-family models (RMSNorm, q/k/v/o and gate/up/down projections); "
+                         f"{type(model).__name__}: {problem}")
+    return base, list(layers), head
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def check_rotatable(model: nn.Module) -> None:
+    """Raise ValueError if ``rotate_model`` cannot rotate ``model``; touches nothing."""
+    _llama_parts(model)
+    for layer in model.model.layers:
+        if not all(isinstance(layer.get_submodule(p), nn.Linear) for p in
+                   ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")):
+            raise ValueError("rotation needs FP nn.Linear projections: rotate before quantizing, not after")
+
+
+def _set(weight: nn.Parameter, value: torch.Tensor) -> None:
+    weight.data.copy_(value.to(weight.dtype))
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> None:
+    """Rotate ``model`` in place (see the module docstring); its logits stay those of the original model."""
+    if kind not in ROTATIONS:
+        raise ValueError(f"rotation must be one of {ROTATIONS}, got {kind!r}")
+    if kind == "none":
+        return
+    check_rotatable(model)
+    base, layers, head = _llama_parts(model)
+    hidden = base.embed_tokens.weight.shape[1]
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    device = base.embed_tokens.weight.device
+    q = random_rotation(hidden, kind, seed).to(device)
+    r = random_rotation(head_dim, kind, seed + 1).to(device)
+
+    def reads(linear: nn.Linear, gain: torch.Tensor) -> None:  # W -> (W·diag(gain))·Q
+        _set(linear.weight, (linear.weight.double() * gain) @ q)
+
+    def writes(linear: nn.Linear) -> None:  # W -> Qᵀ·W, b -> b·Q
+        _set(linear.weight, q.T @ linear.weight.double())
+        if linear.bias is not None:
+            _set(linear.bias, linear.bias.double() @ q)
+
+    if head.weight is base.embed_tokens.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    _set(base.embed_tokens.weight, base.embed_tokens.weight.double() @ q)
+    for layer in layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        gain = layer.input_layernorm.weight.double()
+        for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
+            reads(linear, gain)
+        layer.input_layernorm.weight.fill_(1.0)
+        v_heads = attention.v_proj.weight.shape[0] // head_dim
+        v = attention.v_proj.weight.double().reshape(v_heads, head_dim, hidden)
+        _set(attention.v_proj.weight, torch.einsum("hd,khi->kdi", r, v).reshape(-1, hidden))
+        if attention.v_proj.bias is not None:
+            _set(attention.v_proj.bias, (attention.v_proj.bias.double().reshape(v_heads, head_dim) @ r).reshape(-1))
+        o = attention.o_proj.weight.double().reshape(hidden, -1, head_dim)
+        _set(attention.o_proj.weight, (o @ r).reshape(hidden, -1))
+        writes(attention.o_proj)
+        gain = layer.post_attention_layernorm.weight.double()
+        reads(mlp.gate_proj, gain)
+        reads(mlp.up_proj, gain)
+        layer.post_attention_layernorm.weight.fill_(1.0)
+        writes(mlp.down_proj)
+    reads(head, base.norm.weight.double())
+    base.norm.weight.fill_(1.0)

@@ -1,0 +1,93 @@
+"""Rotations: orthogonal matrices checked against H·Hᵀ = n·I, and rotated models against the original's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atq import QuantConfig, load_quantized, quantize, save_quantized
+from atq.rotation import check_rotatable, hadamard, random_rotation, rotate_model
+
+from .conftest import make_llama
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 24, 64, 144, 576, 1536])
+def test_hadamard_is_a_hadamard_matrix(n):
+    matrix = hadamard(n)
+    assert matrix is not None and set(matrix.unique().tolist()) <= {-1.0, 1.0}
+    torch.testing.assert_close(matrix @ matrix.T, n * torch.eye(n, dtype=torch.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [10, 20, 72, 100])
+def test_hadamard_without_a_construction_is_none(n):
+    assert hadamard(n) is None
+
+
+@pytest.mark.parametrize("kind,n", [("hadamard", 576), ("hadamard", 72), ("orthogonal", 72)])
+def test_random_rotation_is_orthogonal_and_seeded(kind, n):
+    q = random_rotation(n, kind, seed=3)
+    torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(q, random_rotation(n, kind, seed=3), rtol=0, atol=0)
+    assert not torch.equal(q, random_rotation(n, kind, seed=4))
+
+
+def _non_unit_norms(model):
+    """Random norm gains, so that folding them into the next layers is exercised."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_rotated_model_computes_the_same_function(kind, tie):
+    model = _non_unit_norms(make_llama(seed=2, hidden=48, tie=tie)).double()
+    rotated = _non_unit_norms(make_llama(seed=2, hidden=48, tie=tie)).double()
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    rotate_model(rotated, kind)
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(ids).logits, model(ids).logits, rtol=0, atol=1e-5)  # RMSNorm computes in fp32
+    # the weights themselves did change, every norm gain is now 1, and a tied head is untied
+    assert not torch.allclose(rotated.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    assert all(float((p - 1).abs().max()) == 0 for n, p in rotated.named_parameters() if n.endswith("norm.weight"))
+    assert rotated.lm_head.weight is not rotated.model.embed_tokens.weight
+    assert rotated.config.tie_word_embeddings is False
+
+
+def test_rotation_refuses_what_it_cannot_rotate(tiny_gpt2, tiny_llama):
+    with pytest.raises(ValueError, match="RMSNorm|Llama-family"):
+        rotate_model(tiny_gpt2, "hadamard")
+    with pytest.raises(ValueError, match="rotation must be one of"):
+        rotate_model(tiny_llama, "spin")
+    quantize(tiny_llama, QuantConfig())
+    with pytest.raises(ValueError, match="rotate before quantizing"):
+        check_rotatable(tiny_llama)
+
+
+def test_quantize_with_rotation_round_trips(tmp_path, char_tokenizer):
+    model = make_llama(seed=3)
+    original = make_llama(seed=3)
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    config = QuantConfig(rotation="hadamard", group_size=16)
+    report = quantize(model, config, calibration=windows)
+    # the report's error is measured against the rotated FP weights, the ones that were ternarised
+    assert all(row["rel_error"] < 1.0 for row in report if row["precision"] == "ternary")
+    save_quantized(model, tmp_path / "artifact", char_tokenizer)
+    loaded = load_quantized(tmp_path / "artifact")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(windows).logits, model(windows).logits, rtol=0, atol=0)
+        # and it is still close to the original FP model's function: ternary error, not a broken rotation
+        drift = (model(windows).logits - original(windows).logits).abs().mean()
+        assert float(drift) < float(original(windows).logits.abs().mean())
+    assert loaded.atq_config.rotation == "hadamard"
+
+
+def test_quantize_refuses_rotation_of_gpt2_before_touching_it(tiny_gpt2):
+    before = {k: v.clone() for k, v in tiny_gpt2.state_dict().items()}
+    with pytest.raises(ValueError, match="Llama-family"):
+        quantize(tiny_gpt2, QuantConfig(rotation="orthogonal"))
+    after = tiny_gpt2.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
