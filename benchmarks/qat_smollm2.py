@@ -58,6 +58,12 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=20.0, help="total training time of the main run")
     parser.add_argument("--segment-minutes", type=float, default=9.0, help="training time of this invocation")
     parser.add_argument("--compare-seconds", type=float, default=40.0, help="training time of each variant")
+    parser.add_argument("--variant", choices=list(VARIANTS), default=None,
+                        help="run only this variant's --compare-seconds probe (default: compare all, continue with the best)")
+    parser.add_argument("--ptq-rotation", choices=["none", "hadamard"], default=PTQ_INIT.rotation,
+                        help="rotation of the PTQ start (QuantConfig.rotation)")
+    parser.add_argument("--ptq-end-to-end-steps", type=int, default=PTQ_INIT.end_to_end_steps,
+                        help="end-to-end tuning steps of the PTQ start (on the generated windows)")
     parser.add_argument("--windows", type=int, default=8192, help="generated training windows")
     parser.add_argument("--mix-valid", type=int, default=0,
                         help="also train on this many WikiText-2 *validation* windows (the issue's mixed run; "
@@ -75,6 +81,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
+    ptq_init = PTQ_INIT.replace(rotation=args.ptq_rotation, end_to_end_steps=args.ptq_end_to_end_steps)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     meta_path = work / "meta.json"
@@ -101,7 +108,7 @@ def main() -> int:
     if not meta:
         model = copy.deepcopy(fp_model)
         start = time.perf_counter()
-        quantize(model, PTQ_INIT, calibration=data[:256], quiet=True)  # generated text, never WikiText
+        quantize(model, ptq_init, calibration=data[:256], quiet=True)  # generated text, never WikiText
         ptq_seconds = time.perf_counter() - start
         save_quantized(model, init_dir, tokenizer=tokenizer)
         meta = {"fp_ppl": ppl(fp_model, test), "ppl_start": ppl(model, test), "ptq_seconds": ptq_seconds,
@@ -110,6 +117,8 @@ def main() -> int:
         print(f"PTQ init: ppl {meta['ppl_start']:.2f} (FP {meta['fp_ppl']:.2f}), {ptq_seconds:.1f} s", file=sys.stderr)
         variants = {}
         for name, (_, factor) in VARIANTS.items():
+            if args.variant is not None and name != args.variant:
+                continue  # no comparison: the chosen variant's run alone measures the rate that plans the steps
             student = student_from(init_dir, name, args.device)
             plan = TrainConfig(steps=100_000, batch_size=args.batch_size, lr=args.lr * factor, warmup_steps=50)
             history = train(student, data, plan, teacher=teacher, quiet=True, max_seconds=args.compare_seconds)
@@ -165,7 +174,7 @@ def main() -> int:
         "variants": meta["variants"], "variant": meta["variant"],
         "generate_seconds": meta["generate_seconds"], "ptq_seconds": meta["ptq_seconds"],
         "config": {"train": asdict(config),
-                   "ptq_init": PTQ_INIT.to_dict(), "data": source,
+                   "ptq_init": ptq_init.to_dict(), "data": source,
                    "teacher": "FP model (bf16)", "loss": "logit KL, T=1"},
     }
     write_json(args.out, result)

@@ -162,3 +162,25 @@ def test_hidden_state_distillation_adds_a_term():
     logits_only = _step_loss(student, teacher, batch, TrainConfig(steps=1))
     with_hidden = _step_loss(student, teacher, batch, TrainConfig(steps=1, hidden_weight=1.0))
     assert float(with_hidden) > float(logits_only) > 0
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    """A NaN loss (here: a NaN put into a norm gain after the checkpoint at step 2) raises, naming the step and
+    the learning rate, and the checkpoint on disk still holds the finite step-2 state."""
+    from atq.io import load_checkpoint
+
+    student, config = make_llama(), TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_every=2)
+    prepare_qat(student, QuantConfig())
+
+    def poison(done: int, seconds: float) -> None:
+        if done == 2:
+            with torch.no_grad():
+                student.model.norm.weight[0] = float("nan")
+
+    with pytest.raises(FloatingPointError, match="diverged: loss nan at step 2 .*lower the learning rate"):
+        train(student, windows(), config, checkpoint_dir=tmp_path / "ck", quiet=True, on_step=poison)
+    fresh = make_llama(seed=3)
+    prepare_qat(fresh, QuantConfig())
+    optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad])
+    state = load_checkpoint(tmp_path / "ck", fresh, optimizer)
+    assert state["step"] == 2 and all(torch.isfinite(p).all() for p in fresh.parameters())

@@ -248,6 +248,12 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         value = float(total)  # synchronises: the step's time below is real
+        if not math.isfinite(value):
+            # the weights just took a NaN step: stop before a checkpoint could save them
+            raise FloatingPointError(
+                f"QAT diverged: loss {value} at step {step} (lr {optimizer.param_groups[0]['lr']:.3g}); "
+                f"the last checkpoint{'' if checkpoint_dir is None else f' in {checkpoint_dir}'} is kept; "
+                "lower the learning rate")
         elapsed = time.perf_counter() - tick
         trained += elapsed
         done = step + 1
