@@ -84,6 +84,24 @@ def test_learned_scales_get_the_lsq_gradient_and_pack_exactly():
         assert torch.allclose(layer.to_packed()(x), layer(x), atol=1e-5)
 
 
+def test_a_learned_scale_driven_to_zero_stays_finite():
+    """An LSQ step can push α through 0; below fp16's smallest normal it would round to 0 in the forward, and a
+    zero weight over a zero scale is 0/0 = NaN. The scale is held at that smallest normal instead."""
+    config = QuantConfig(granularity="group", group_size=8)
+    weight = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    weight[0] = 0.0
+    layer = TernaryLinear(weight, None, config, learned_scales=True)
+    with torch.no_grad():
+        layer.scales[0] = 1e-9
+        layer.scales[1] = -1e-12
+    x = torch.randn(3, 16)
+    layer(x).sum().backward()
+    assert torch.isfinite(layer(x)).all() and torch.isfinite(layer.scales.grad).all()
+    assert torch.isfinite(layer.weight.grad).all()
+    with torch.no_grad():
+        assert torch.isfinite(layer.to_packed()(x)).all() and bool((layer.to_packed().scales > 0).all())
+
+
 def test_dead_zone_bias_gives_zero_coded_weights_a_gradient_and_folds_into_a_bias():
     torch.manual_seed(1)
     config = QuantConfig(granularity="row")

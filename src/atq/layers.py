@@ -16,6 +16,8 @@ from .quantizers import ternarize
 from .ternary import TernaryTensor, expand_group_scales
 
 SCALE_DTYPE = torch.float16  # scales are stored (and computed with) in fp16: what the artifact holds
+# The smallest normal fp16: a learned scale driven toward 0 must not round to 0 in fp16, or w/α is 0/0 = NaN.
+_MIN_SCALE = torch.finfo(SCALE_DTYPE).tiny
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,7 @@ class TernaryLinear(nn.Module):
     def _learned_ratio(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(α, clamp(w/α, -1, 1)) for learned scales, α per column; the forward sees the stored fp16 value of α
         while its gradient reaches the fp32 parameter."""
-        alpha = self.scales.abs().clamp(min=1e-8)
+        alpha = self.scales.abs().clamp(min=_MIN_SCALE)
         alpha = alpha + (alpha.to(SCALE_DTYPE).float() - alpha).detach()
         alpha = expand_group_scales(alpha, self.group_size, self.in_features)
         return alpha, (self.weight / alpha).clamp(-1, 1)
@@ -169,7 +171,7 @@ class TernaryLinear(nn.Module):
         if self.scales is None:
             return ternarize(self.weight, self.config)
         _, ratio = self._learned_ratio()
-        alpha = self.scales.abs().clamp(min=1e-8).to(SCALE_DTYPE).float()
+        alpha = self.scales.abs().clamp(min=_MIN_SCALE).to(SCALE_DTYPE).float()
         return TernaryTensor(ratio.round().to(torch.int8), alpha, self.group_size)
 
     @torch.no_grad()
