@@ -50,11 +50,11 @@ def _paley12() -> torch.Tensor:
 
 def hadamard(n: int) -> torch.Tensor | None:
     """A ±1 matrix H with H·Hᵀ = n·I for n = 2^k, 12·2^k or 144·2^k (Kronecker products), else None."""
-    for base, factor in ((1, None), (12, 1), (144, 2)):
+    for base, paley_factors in ((1, 0), (12, 1), (144, 2)):
         power = n // base
         if n % base == 0 and power & (power - 1) == 0:
             matrix = _sylvester(power)
-            for _ in range(factor or 0):
+            for _ in range(paley_factors):
                 matrix = torch.kron(_paley12(), matrix)
             return matrix
     return None
