@@ -29,6 +29,7 @@ import torch
 
 from atq import QuantConfig, load_model, load_quantized, quantize, save_quantized
 from atq.bench import model_stats
+from atq.config import ROTATIONS
 from atq.data import cached_generated_windows, load_text, token_windows
 from atq.evaluate import evaluate_windows
 from atq.io import write_json
@@ -60,7 +61,7 @@ def main() -> int:
     parser.add_argument("--compare-seconds", type=float, default=40.0, help="training time of each variant")
     parser.add_argument("--variant", choices=list(VARIANTS), default=None,
                         help="run only this variant's --compare-seconds probe (default: compare all, continue with the best)")
-    parser.add_argument("--ptq-rotation", choices=["none", "hadamard"], default=PTQ_INIT.rotation,
+    parser.add_argument("--ptq-rotation", choices=ROTATIONS, default=PTQ_INIT.rotation,
                         help="rotation of the PTQ start (QuantConfig.rotation)")
     parser.add_argument("--ptq-end-to-end-steps", type=int, default=PTQ_INIT.end_to_end_steps,
                         help="end-to-end tuning steps of the PTQ start (on the generated windows)")

@@ -255,28 +255,29 @@ class _TunableTernary(nn.Module):
 
 
 def _swap_in_tunables(
-    module: nn.Module, weight_lr: float, starts: dict[str, torch.Tensor]
-) -> tuple[dict[str, _TunableTernary], list[nn.Parameter], dict[int, bool]]:
+    module: nn.Module, weight_lr: float, starts: dict[str, torch.Tensor], frozen: frozenset[int] = frozenset()
+) -> tuple[dict[str, _TunableTernary], list[nn.Parameter], list[tuple[nn.Parameter, bool]]]:
     """Replace every PackedTernaryLinear under ``module`` by its tunable stand-in; make the other parameters
-    trainable. Returns (stand-ins by name, FP parameters, their previous requires_grad) for ``_swap_out``."""
+    trainable except those whose id is in ``frozen`` (made untrainable, so no gradient is computed for them).
+    Returns (stand-ins by name, trainable FP parameters, every parameter's previous requires_grad) for
+    ``_swap_out``."""
     tunables = {name: _TunableTernary(m, latent=weight_lr > 0, start=starts.get(name))
                 for name, m in module.named_modules() if isinstance(m, PackedTernaryLinear)}
     for name, tunable in tunables.items():
         set_module(module, name, tunable)
-    fp_params = [p for n, p in module.named_parameters() if not n.endswith((".scales", ".latent"))]
-    saved = {id(p): p.requires_grad for p in fp_params}
-    for p in fp_params:
-        p.requires_grad_(True)
-    return tunables, fp_params, saved
+    others = [p for n, p in module.named_parameters() if not n.endswith((".scales", ".latent"))]
+    saved = [(p, p.requires_grad) for p in others]
+    for p in others:
+        p.requires_grad_(id(p) not in frozen)
+    return tunables, [p for p in others if id(p) not in frozen], saved
 
 
 @torch.no_grad()
-def _swap_out(module: nn.Module, tunables: dict[str, _TunableTernary], fp_params: list[nn.Parameter],
-              saved: dict[int, bool]) -> None:
+def _swap_out(module: nn.Module, tunables: dict[str, _TunableTernary], saved: list[tuple[nn.Parameter, bool]]) -> None:
     for name, tunable in tunables.items():
         set_module(module, name, tunable.write_back())
-    for p in fp_params:
-        p.requires_grad_(saved[id(p)])
+    for p, requires_grad in saved:
+        p.requires_grad_(requires_grad)
 
 
 def _train(loss_on: Any, count: int, steps: int, groups: list[dict[str, Any]]) -> tuple[float, float]:
@@ -325,7 +326,7 @@ def reconstruct_block(
     try:
         return _train(loss_on, len(batches), steps, groups)
     finally:
-        _swap_out(block, tunables, fp_params, saved)
+        _swap_out(block, tunables, saved)
 
 
 @torch.no_grad()
@@ -353,13 +354,8 @@ def tune_end_to_end(
     matches each block's output alone; this corrects what the blocks' errors do together at the logits.
     Returns the mean KL before and after."""
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    frozen = {id(head.weight), id(embedding.weight)}
-    saved_frozen = {id(p): p.requires_grad for p in model.parameters() if id(p) in frozen}
-    tunables, fp_params, saved = _swap_in_tunables(model, 0.0, {})
-    fp_params = [p for p in fp_params if id(p) not in frozen]
-    for p in model.parameters():
-        if id(p) in frozen:
-            p.requires_grad_(False)
+    frozen = frozenset({id(head.weight), id(embedding.weight)})
+    tunables, fp_params, saved = _swap_in_tunables(model, 0.0, {}, frozen)
     groups = [{"params": [t.scales for t in tunables.values()], "lr": lr}, {"params": fp_params, "lr": lr * 0.1}]
     device = next(model.parameters()).device
 
@@ -376,10 +372,7 @@ def tune_end_to_end(
     try:
         return _train(loss_on, len(head_inputs), steps, groups)
     finally:
-        _swap_out(model, tunables, fp_params, saved)
-        for p in model.parameters():
-            if id(p) in saved_frozen:
-                p.requires_grad_(saved_frozen[id(p)])
+        _swap_out(model, tunables, saved)
 
 
 def quantize_block_layers(

@@ -13,6 +13,7 @@ from .bench import model_stats
 from .config import QuantConfig
 from .layers import PackedTernaryLinear
 from .quantizers import ternarize
+from .rotation import check_rotatable, rotate_model
 from .surgery import all_linear_names, linear_weight, select_linear_layers, set_module
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,9 @@ def quantize(
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}.weight contains NaN/Inf values; ternarisation needs finite weights")
     if config.rotation != "none":
-        from .rotation import check_rotatable
-
-        check_rotatable(model)
+        check_rotatable(model)  # before the calibration data: a refusal must come before any slow work
     windows = calibration_windows(model, config, calibration, tokenizer)
     if config.rotation != "none":
-        from .rotation import rotate_model
-
         rotate_model(model, config.rotation)  # the same function; the weights to ternarise change
         weights = {name: linear_weight(module).detach() for name, module in layers.items()}
     scores: dict[str, float] = {}

@@ -28,6 +28,8 @@ from torch import nn
 from .config import ROTATIONS
 
 _NORM_SUFFIX = "RMSNorm"
+_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj")
 
 
 def _sylvester(n: int) -> torch.Tensor:
@@ -78,8 +80,7 @@ def _llama_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Modul
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     head = getattr(model, "lm_head", None)
-    required = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    required = ("input_layernorm", "post_attention_layernorm", *_PROJECTIONS)
     problem = None
     if base is None or layers is None or head is None or not hasattr(base, "embed_tokens") or not hasattr(base, "norm"):
         problem = "no model.embed_tokens / model.layers / model.norm / lm_head"
@@ -108,13 +109,14 @@ def _has(module: nn.Module, path: str) -> bool:
     return True
 
 
-def check_rotatable(model: nn.Module) -> None:
-    """Raise ValueError if ``rotate_model`` cannot rotate ``model``; touches nothing."""
-    _llama_parts(model)
-    for layer in model.model.layers:
-        if not all(isinstance(layer.get_submodule(p), nn.Linear) for p in
-                   ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")):
+def check_rotatable(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """Raise ValueError if ``rotate_model`` cannot rotate ``model``; touches nothing. Returns (base model,
+    decoder layers, head)."""
+    base, layers, head = _llama_parts(model)
+    for layer in layers:
+        if not all(isinstance(layer.get_submodule(p), nn.Linear) for p in _PROJECTIONS):
             raise ValueError("rotation needs FP nn.Linear projections: rotate before quantizing, not after")
+    return base, layers, head
 
 
 def _set(weight: nn.Parameter, value: torch.Tensor) -> None:
@@ -128,8 +130,7 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> Non
         raise ValueError(f"rotation must be one of {ROTATIONS}, got {kind!r}")
     if kind == "none":
         return
-    check_rotatable(model)
-    base, layers, head = _llama_parts(model)
+    base, layers, head = check_rotatable(model)
     hidden = base.embed_tokens.weight.shape[1]
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     device = base.embed_tokens.weight.device
