@@ -33,7 +33,7 @@ from atq.config import ROTATIONS
 from atq.data import cached_generated_windows, load_text, token_windows
 from atq.evaluate import evaluate_windows
 from atq.io import write_json
-from atq.qat import TrainConfig, prepare_qat, to_packed, train
+from atq.qat import COMPILE_MODES, TrainConfig, prepare_qat, to_packed, train
 
 PTQ_INIT = QuantConfig(granularity="group", group_size=64, reconstruct_steps=64)
 # name -> (prepare_qat options, learning rate relative to --lr)
@@ -72,6 +72,11 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="blocks" if torch.cuda.is_available() else "off",
+                        help="TrainConfig.compile of the main run (the probes run eager)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps of the main run (default: --minutes at the probe's rate); with --variant, "
+                             "no probe runs")
     parser.add_argument("--curve-every", type=float, default=1.5, help="minutes between curve points")
     parser.add_argument("--curve-windows", type=int, default=40, help="test windows per curve point")
     parser.add_argument("--max-windows", type=int, default=None, help="test windows of the final evaluation")
@@ -102,7 +107,8 @@ def main() -> int:
         f" + WikiText-2 validation {args.mix_valid} x {args.seq_len}" if args.mix_valid else "")
 
     def ppl(model, windows) -> float:
-        with torch.no_grad():
+        # eager even inside the compiled run (curve points): other shapes and no_grad would only recompile
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             return evaluate_windows(model, windows, quiet=True)["ppl"]
 
     init_dir = work / "ptq"
@@ -120,6 +126,9 @@ def main() -> int:
         for name, (_, factor) in VARIANTS.items():
             if args.variant is not None and name != args.variant:
                 continue  # no comparison: the chosen variant's run alone measures the rate that plans the steps
+            if args.variant is not None and args.steps is not None:
+                variants[name] = {"lr": args.lr * factor}  # nothing to compare, nothing to plan
+                continue
             student = student_from(init_dir, name, args.device)
             plan = TrainConfig(steps=100_000, batch_size=args.batch_size, lr=args.lr * factor, warmup_steps=50)
             history = train(student, data, plan, teacher=teacher, quiet=True, max_seconds=args.compare_seconds)
@@ -129,16 +138,15 @@ def main() -> int:
                               "ppl": ppl(student, curve_test)}
             print(f"{name}: {variants[name]}", file=sys.stderr)
             del student
-        best = min(variants, key=lambda n: variants[n]["ppl"])
-        rate = variants[best]["tokens_per_s"]
-        steps = int(args.minutes * 60 * rate / (args.batch_size * args.seq_len))
+        best = min(variants, key=lambda n: variants[n].get("ppl", 0.0))
+        rate = variants[best].get("tokens_per_s")
+        steps = args.steps or int(args.minutes * 60 * rate / (args.batch_size * args.seq_len))
         meta |= {"variants": variants, "variant": best, "steps": steps, "tokens_per_s_probe": rate,
                  "curve": [[0.0, meta["ppl_start_curve"]]]}
         write_json(meta_path, meta)
 
     config = TrainConfig(steps=meta["steps"], batch_size=args.batch_size, lr=meta["variants"][meta["variant"]]["lr"],
-                         warmup_steps=50,
-                         checkpoint_every=500)
+                         warmup_steps=50, checkpoint_every=500, compile=args.compile)
     student = student_from(init_dir, meta["variant"], args.device)
     next_point = [meta["curve"][-1][0] + args.curve_every]
 
@@ -159,7 +167,7 @@ def main() -> int:
         return 0
 
     minutes = history[-1]["seconds"] / 60
-    rates = sorted(h["tokens_per_s"] for h in history[10:])
+    rates = sorted(h["tokens_per_s"] for h in history[10:] or history)  # past the compile and warm-up
     to_packed(student)
     save_quantized(student, work / "final", tokenizer=tokenizer)
     stats = model_stats(student)

@@ -184,3 +184,45 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_p
     optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad])
     state = load_checkpoint(tmp_path / "ck", fresh, optimizer)
     assert state["step"] == 2 and all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_a_non_finite_gradient_skips_its_step_and_training_goes_on():
+    """An inf gradient with a finite loss (what a bf16 overflow in the backward pass looks like) skips that
+    optimizer step, leaving the weights as they were, instead of letting clipping spread NaN into them."""
+    student, config = make_llama(), TrainConfig(steps=5, batch_size=4, lr=1e-3)
+    prepare_qat(student, QuantConfig())
+    poisoned, snapshots = [False], {}
+    student.model.norm.weight.register_hook(lambda grad: grad * float("inf") if poisoned[0] else grad)
+
+    def watch(done: int, seconds: float) -> None:
+        snapshots[done] = [p.detach().clone() for p in student.parameters()]
+        poisoned[0] = done == 2  # step index 2 (the third step) gets the inf gradient
+
+    history = train(student, windows(), config, quiet=True, on_step=watch)
+    assert [h["skipped"] for h in history] == [False, False, True, False, False]
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))  # the skipped step changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[4]))
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_steps_skipped_again_and_again_stop_training():
+    student = make_llama()
+    prepare_qat(student, QuantConfig())
+    student.model.norm.weight.register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(FloatingPointError, match="9 steps in a row up to step 8 had a non-finite gradient"):
+        train(student, windows(), TrainConfig(steps=20, batch_size=4), quiet=True)
+
+
+def test_compiled_blocks_train_like_eager_and_are_uncompiled_afterwards():
+    data, teacher = windows(), make_llama(seed=1)
+    runs = {}
+    for mode in ("off", "blocks"):
+        student = make_llama()
+        prepare_qat(student, QuantConfig(), learned_scales=True)
+        runs[mode] = train(student, data, TrainConfig(steps=3, batch_size=4, lr=1e-3, compile=mode),
+                           teacher=teacher, quiet=True)
+        assert all(getattr(m, "_compiled_call_impl", None) is None for m in student.modules())
+    assert [h["loss"] for h in runs["blocks"]] == pytest.approx([h["loss"] for h in runs["off"]], rel=1e-4)
+    assert TrainConfig(steps=1, compile=True).compile == "blocks"
+    with pytest.raises(ValueError, match="compile must be one of"):
+        TrainConfig(steps=1, compile="fast")

@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--learned-scales", action="store_true", help="LSQ-learned scales instead of recomputed ones")
     t.add_argument("--dead-zone-bias", action="store_true", help="Tequila: zero-coded weights feed a bias")
     t.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE term")
-    t.add_argument("--compile", action="store_true", help="torch.compile student and teacher (slow start)")
+    t.add_argument("--compile", nargs="?", const="blocks", default="off", choices=["off", "blocks", "model"],
+                   help="torch.compile each decoder block (bare --compile; seconds to compile) or the whole model "
+                        "(minutes); student, teacher and loss")
     t.add_argument("--cache", default=None,
                    help="token cache for generated data (default OUT.tokens.safetensors), reused across runs")
     t.add_argument("--out", required=True, help="artifact directory; checkpoints go to OUT.ckpt")

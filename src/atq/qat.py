@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,21 @@ from .surgery import linear_weight, select_linear_layers, set_module
 
 log = logging.getLogger(__name__)
 
+COMPILE_MODES = ("off", "blocks", "model")
+# Consecutive steps with a non-finite gradient that are skipped before training gives up (a bf16 overflow is a
+# passing event, like a skipped step under a loss scaler; many in a row mean the weights are broken).
+MAX_SKIPPED_STEPS = 8
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. ``batch_size`` windows per micro-batch (the *global* micro-batch: under torch.distributed
     each of the W processes takes every W-th window of it), ``grad_accum`` micro-batches per step.
     ``hidden_weight`` > 0 adds that times the mean MSE between student and teacher hidden states to the logit
-    KL; ``compile`` runs student and teacher through ``torch.compile``."""
+    KL. ``compile`` runs student, teacher and loss through ``torch.compile``: ``"blocks"`` compiles each
+    decoder block on its own (the blocks share one compiled graph, so compiling takes seconds rather than the
+    minutes a whole 30-layer graph takes, and every resumed segment pays it again), ``"model"`` the whole
+    model; ``True``/``False`` mean ``"blocks"``/``"off"``."""
 
     steps: int
     batch_size: int = 8
@@ -46,9 +55,13 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     hidden_weight: float = 0.0
-    compile: bool = False
+    compile: str = "off"
 
     def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):
+            object.__setattr__(self, "compile", "blocks" if self.compile else "off")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"TrainConfig.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         for name in ("steps", "batch_size", "grad_accum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -128,20 +141,58 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
-def _step_loss(student: nn.Module, teacher: nn.Module | None, batch: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+def _step_loss(
+    student: nn.Module, teacher: nn.Module | None, batch: torch.Tensor, config: TrainConfig,
+    kl: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = distillation_loss,
+) -> torch.Tensor:
     hidden = config.hidden_weight > 0 and teacher is not None
+    # no KV cache: nothing is generated, and the cache's per-layer bookkeeping breaks compiled blocks apart
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.is_cuda):
-        output = student(input_ids=batch, output_hidden_states=hidden)
+        output = student(input_ids=batch, output_hidden_states=hidden, use_cache=False)
         logits = output.logits
         if teacher is None:
             return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         with torch.no_grad():
-            target = teacher(input_ids=batch, output_hidden_states=hidden)
-    loss = distillation_loss(logits, target.logits, config.temperature)
+            target = teacher(input_ids=batch, output_hidden_states=hidden, use_cache=False)
+    loss = kl(logits, target.logits, config.temperature)
     if hidden:
         pairs = list(zip(output.hidden_states[1:], target.hidden_states[1:]))
         loss = loss + config.hidden_weight * sum(F.mse_loss(s.float(), t.float()) for s, t in pairs) / len(pairs)
     return loss
+
+
+def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The members of the model's ModuleLists whose members are all of one class: its decoder blocks."""
+    blocks = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            blocks.extend(module)
+    return blocks
+
+
+@contextmanager
+def _compiled(model: nn.Module | None, mode: str) -> Iterator[nn.Module | None]:
+    """``model`` to call under ``mode`` (see TrainConfig.compile). Blocks are compiled in place, which keeps the
+    state_dict keys of checkpoints unchanged, and are uncompiled on exit: evaluation and packing afterwards see
+    the plain model (other shapes, swapped layers) without recompiling."""
+    if model is None or mode == "off":
+        yield model
+        return
+    import torch._inductor.config as inductor
+
+    blocks = _repeated_blocks(model) if mode == "blocks" else []
+    if mode == "blocks" and not blocks:
+        log.info("%s has no repeated blocks: compiling the whole model", type(model).__name__)
+    for block in blocks:
+        block.compile()
+    # Inductor drops a float -> fp16 -> float round trip unless told not to; the forward must see the fp16
+    # scales the artifact will hold (layers.TernaryLinear), or the compiled run trains a slightly different model.
+    try:
+        with inductor.patch(emulate_precision_casts=True):
+            yield model if blocks else torch.compile(model)
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set; None is the uncompiled call
 
 
 def _world() -> tuple[int, int]:
@@ -208,8 +259,7 @@ def train(
     if teacher is not None:
         teacher.eval()
     student.train()
-    forward = torch.compile(student) if config.compile else student
-    teacher_forward = torch.compile(teacher) if config.compile and teacher is not None else teacher
+    kl = distillation_loss if config.compile == "off" else torch.compile(distillation_loss)
 
     def checkpoint(done: int) -> None:
         if rank == 0:
@@ -226,48 +276,56 @@ def train(
     tokens_per_step = config.batch_size * config.grad_accum * windows.shape[1]
     bar = tqdm(range(start, config.steps), desc="qat", disable=quiet or rank != 0, unit="step", initial=start,
                total=config.steps)
-    began = time.perf_counter()
-    for step in bar:
-        tick = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        for micro in range(config.grad_accum):
-            batch = windows[batch_indices(step, micro, len(windows), config)[rank::world]].to(device)
-            loss = _step_loss(forward, teacher_forward, batch, config) / config.grad_accum
-            loss.backward()
-            total += loss.detach()
-        if world > 1:
-            import torch.distributed as dist
+    began, skipped = time.perf_counter(), 0
+    with _compiled(student, config.compile) as forward, _compiled(teacher, config.compile) as teacher_forward:
+        for step in bar:
+            tick = time.perf_counter()
+            lr = learning_rate(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=device)
+            for micro in range(config.grad_accum):
+                batch = windows[batch_indices(step, micro, len(windows), config)[rank::world]].to(device)
+                loss = _step_loss(forward, teacher_forward, batch, config, kl) / config.grad_accum
+                loss.backward()
+                total += loss.detach()
+            if world > 1:
+                import torch.distributed as dist
 
-            _average_gradients(params, world)
-            dist.all_reduce(total)
-            total /= world
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        value = float(total)  # synchronises: the step's time below is real
-        if not math.isfinite(value):
-            # the weights just took a NaN step: stop before a checkpoint could save them
-            raise FloatingPointError(
-                f"QAT diverged: loss {value} at step {step} (lr {optimizer.param_groups[0]['lr']:.3g}); "
-                f"the last checkpoint{'' if checkpoint_dir is None else f' in {checkpoint_dir}'} is kept; "
-                "lower the learning rate")
-        elapsed = time.perf_counter() - tick
-        trained += elapsed
-        done = step + 1
-        history.append({"step": step, "loss": value, "lr": optimizer.param_groups[0]["lr"],
-                        "tokens": done * tokens_per_step, "seconds": trained,
-                        "tokens_per_s": tokens_per_step / max(elapsed, 1e-9)})
-        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{history[-1]['tokens_per_s']:,.0f}")
-        out_of_time = max_seconds is not None and time.perf_counter() - began >= max_seconds
-        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps or out_of_time:
-            checkpoint(done)
-        if on_step is not None:
-            on_step(done, trained)
-        if out_of_time:
-            log.info("stopping after %d steps: time budget of %.0f s spent", done, max_seconds)
-            break
+                _average_gradients(params, world)
+                dist.all_reduce(total)
+                total /= world
+            norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
+            value, norm = torch.stack([total, norm.to(total.dtype)]).tolist()  # synchronises: the time is real
+            if not math.isfinite(value):
+                # the weights are broken (the step before was finite): stop before a checkpoint could save them
+                raise FloatingPointError(
+                    f"QAT diverged: loss {value} at step {step} (lr {lr:.3g}); the last checkpoint"
+                    f"{'' if checkpoint_dir is None else f' in {checkpoint_dir}'} is kept; lower the learning rate")
+            skipped = skipped + 1 if not math.isfinite(norm) else 0
+            if skipped > MAX_SKIPPED_STEPS:
+                raise FloatingPointError(
+                    f"QAT diverged: {skipped} steps in a row up to step {step} had a non-finite gradient (lr {lr:.3g});"
+                    " lower the learning rate")
+            if skipped:
+                log.warning("step %d: gradient norm %s, step skipped", step, norm)
+            else:
+                optimizer.step()
+            elapsed = time.perf_counter() - tick
+            trained += elapsed
+            done = step + 1
+            history.append({"step": step, "loss": value, "lr": lr, "grad_norm": norm, "skipped": bool(skipped),
+                            "tokens": done * tokens_per_step, "seconds": trained,
+                            "tokens_per_s": tokens_per_step / max(elapsed, 1e-9)})
+            bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{history[-1]['tokens_per_s']:,.0f}")
+            out_of_time = max_seconds is not None and time.perf_counter() - began >= max_seconds
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps or out_of_time:
+                checkpoint(done)
+            if on_step is not None:
+                on_step(done, trained)
+            if out_of_time:
+                log.info("stopping after %d steps: time budget of %.0f s spent", done, max_seconds)
+                break
     student.eval()
     return history

@@ -84,5 +84,15 @@ def dense_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int, dty
 
 
 def expand_group_scales(scales: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
-    """Repeat each group's scale over its columns and cut the padding of a short last group."""
-    return scales.repeat_interleave(group_size, dim=-1)[..., :in_features]
+    """Repeat each group's scale over its columns (a short last group only over the columns it has).
+
+    Built from expanded views joined by ``cat``, never by cutting a longer tensor: torch.compile's CPU code (torch
+    2.13) read the wrong scales past the first group when a ``repeat_interleave``-d tensor was cut to
+    ``in_features``, and crashed in the backward of the equivalent gather (both found by test_qat's
+    compiled-blocks test); this form compiles to the eager values, forward and backward."""
+    full, rest = divmod(in_features, group_size)
+    lead = scales.shape[:-1]
+    parts = [scales[..., :full, None].expand(*lead, full, group_size).flatten(-2)] if full else []
+    if rest:
+        parts.append(scales[..., full : full + 1].expand(*lead, rest))
+    return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
