@@ -100,11 +100,11 @@ def main() -> int:
     data = cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, work / "tokens.safetensors",
                                     batch_size=args.generate_batch)
     generate_seconds = time.perf_counter() - started
+    source = f"generated {args.windows} x {args.seq_len}"
     if args.mix_valid:  # train() reshuffles every epoch, so appending is mixing
         valid = token_windows(tokenizer, load_text("wikitext2_valid"), args.seq_len, args.mix_valid)
         data = torch.cat([data.to(torch.long), valid])
-    source = f"generated {args.windows} x {args.seq_len}" + (
-        f" + WikiText-2 validation {args.mix_valid} x {args.seq_len}" if args.mix_valid else "")
+        source += f" + WikiText-2 validation {len(valid)} x {args.seq_len}"
 
     def ppl(model, windows) -> float:
         # eager even inside the compiled run (curve points): other shapes and no_grad would only recompile

@@ -226,3 +226,19 @@ def test_compiled_blocks_train_like_eager_and_are_uncompiled_afterwards():
     assert TrainConfig(steps=1, compile=True).compile == "blocks"
     with pytest.raises(ValueError, match="compile must be one of"):
         TrainConfig(steps=1, compile="fast")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_gradient_equals_autograd_through_log_softmax(temperature):
+    """The fused KL's saved gradient is the gradient autograd finds through the plain formula (fp64 here; the
+    fused form computes in fp32, hence the tolerance)."""
+    student = torch.randn(3, 4, 13, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 4, 13, dtype=torch.float64)
+    log_s = torch.log_softmax(student.reshape(-1, 13) / temperature, -1)
+    log_t = torch.log_softmax(teacher.reshape(-1, 13) / temperature, -1)
+    reference = (log_t.exp() * (log_t - log_s)).sum() / 12 * temperature**2
+    (expected,) = torch.autograd.grad(3.0 * reference, student)
+    fused = distillation_loss(student, teacher, temperature)
+    assert float(fused) == pytest.approx(float(reference), rel=1e-6)
+    (got,) = torch.autograd.grad(3.0 * fused, student)
+    assert got.dtype == student.dtype and torch.allclose(got, expected, rtol=1e-5, atol=1e-8)

@@ -133,12 +133,36 @@ def batch_indices(step: int, micro: int, n_windows: int, config: TrainConfig) ->
     return out
 
 
+class _DistillationKL(torch.autograd.Function):
+    """KL(teacher || student) whose forward also computes its gradient, T·(softmax(s/T) - softmax(t/T))/rows.
+
+    Autograd through two log_softmax calls keeps fp32 log-probabilities for the backward and reads them again
+    there; over SmolLM2's 49,152-word vocabulary that loss took 14% of a compiled QAT step on the H100. Here the
+    backward is one multiply of a saved gradient in the logits' dtype (what autograd would hand back anyway), and
+    under torch.compile the forward is a fused pass or two over the two logit tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        scaled_s, scaled_t = student.float() / temperature, teacher.float() / temperature
+        log_s = scaled_s - torch.logsumexp(scaled_s, dim=-1, keepdim=True)
+        log_t = scaled_t - torch.logsumexp(scaled_t, dim=-1, keepdim=True)
+        p_t, rows = log_t.exp(), student.shape[0]
+        ctx.save_for_backward(((log_s.exp() - p_t) * (temperature / rows)).to(student.dtype))
+        return (p_t * (log_t - log_s)).sum() * (temperature**2 / rows)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened distributions, scaled by T² (Hinton et al.)."""
+    """KL(teacher || student) on temperature-softened distributions, mean over positions, scaled by T² (Hinton
+    et al.); the teacher gets no gradient."""
     vocab = student_logits.shape[-1]
-    student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+    return _DistillationKL.apply(student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab),
+                                 temperature)
 
 
 def _step_loss(
