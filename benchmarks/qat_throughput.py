@@ -21,7 +21,7 @@ import torch
 from atq import QuantConfig, load_model
 from atq.bench import markdown_table
 from atq.io import write_json
-from atq.qat import TrainConfig, _compiled, _step_loss, distillation_loss, prepare_qat, train
+from atq.qat import TrainConfig, _compiled, _step_loss, prepare_qat, train
 
 # name -> (prepare_qat options, micro-batch windows, TrainConfig.compile)
 SETTINGS = {
@@ -81,15 +81,15 @@ def main() -> int:
     prepare_qat(student, QuantConfig(), **options)
     student.train()
     batch = data[:batch_windows].cuda()
-    kl = distillation_loss if compiled == "off" else torch.compile(distillation_loss)
+    config = TrainConfig(steps=1, compile=compiled)
     from torch.profiler import ProfilerActivity, profile
 
     with _compiled(student, compiled) as forward, _compiled(teacher, compiled) as teacher_forward:
         for _ in range(3):
-            _step_loss(forward, teacher_forward, batch, TrainConfig(steps=1), kl).backward()
+            _step_loss(forward, teacher_forward, batch, config).backward()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
-                _step_loss(forward, teacher_forward, batch, TrainConfig(steps=1), kl).backward()
+                _step_loss(forward, teacher_forward, batch, config).backward()
             torch.cuda.synchronize()
     averages = prof.key_averages()
     cpu_ms = sum(e.self_cpu_time_total for e in averages) / 1e3

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .bench import directory_bytes, model_stats
-from .config import GRANULARITIES, MODES, ROTATIONS, QuantConfig
+from .config import COMPILE_MODES, GRANULARITIES, MODES, ROTATIONS, QuantConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--learned-scales", action="store_true", help="LSQ-learned scales instead of recomputed ones")
     t.add_argument("--dead-zone-bias", action="store_true", help="Tequila: zero-coded weights feed a bias")
     t.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE term")
-    t.add_argument("--compile", nargs="?", const="blocks", default="off", choices=["off", "blocks", "model"],
+    t.add_argument("--compile", nargs="?", const="blocks", default="off", choices=COMPILE_MODES,
                    help="torch.compile each decoder block (bare --compile; seconds to compile) or the whole model "
                         "(minutes); student, teacher and loss")
     t.add_argument("--cache", default=None,

@@ -15,6 +15,7 @@ from typing import Any
 MODES = ("sparsity", "magnitude", "mse", "absmean")
 GRANULARITIES = ("tensor", "row", "group")
 ROTATIONS = ("none", "hadamard", "orthogonal")
+COMPILE_MODES = ("off", "blocks", "model")  # TrainConfig.compile (qat.py)
 
 
 @dataclass(frozen=True)

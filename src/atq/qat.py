@@ -8,6 +8,7 @@ Batches are a pure function of (seed, step): a permutation per epoch drawn from 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -22,13 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import QuantConfig
+from .config import COMPILE_MODES, QuantConfig
 from .layers import PackedTernaryLinear, TernaryLinear
 from .surgery import linear_weight, select_linear_layers, set_module
 
 log = logging.getLogger(__name__)
 
-COMPILE_MODES = ("off", "blocks", "model")
 # Consecutive steps with a non-finite gradient that are skipped before training gives up (a bf16 overflow is a
 # passing event, like a skipped step under a loss scaler; many in a row mean the weights are broken).
 MAX_SKIPPED_STEPS = 8
@@ -167,11 +167,17 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                                  temperature)
 
 
-def _step_loss(
-    student: nn.Module, teacher: nn.Module | None, batch: torch.Tensor, config: TrainConfig,
-    kl: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = distillation_loss,
-) -> torch.Tensor:
+@functools.cache
+def _compiled_distillation_loss() -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
+    """``distillation_loss`` through torch.compile, wrapped once per process (compiled at its first call)."""
+    return torch.compile(distillation_loss)
+
+
+def _step_loss(student: nn.Module, teacher: nn.Module | None, batch: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The loss of one micro-batch; ``student`` and ``teacher`` are what ``_compiled`` yields for
+    ``config.compile``, and the distillation loss is compiled with them."""
     hidden = config.hidden_weight > 0 and teacher is not None
+    kl = distillation_loss if config.compile == "off" else _compiled_distillation_loss()
     # no KV cache: nothing is generated, and the cache's per-layer bookkeeping breaks compiled blocks apart
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.is_cuda):
         output = student(input_ids=batch, output_hidden_states=hidden, use_cache=False)
@@ -285,8 +291,6 @@ def train(
     if teacher is not None:
         teacher.eval()
     student.train()
-    kl = distillation_loss if config.compile == "off" else torch.compile(distillation_loss)
-
     def checkpoint(done: int) -> None:
         if rank == 0:
             if checkpoint_dir is not None:
@@ -313,7 +317,7 @@ def train(
             total = torch.zeros((), device=device)
             for micro in range(config.grad_accum):
                 batch = windows[batch_indices(step, micro, len(windows), config)[rank::world]].to(device)
-                loss = _step_loss(forward, teacher_forward, batch, config, kl) / config.grad_accum
+                loss = _step_loss(forward, teacher_forward, batch, config) / config.grad_accum
                 loss.backward()
                 total += loss.detach()
             if world > 1:
@@ -322,7 +326,10 @@ def train(
                 _average_gradients(params, world)
                 dist.all_reduce(total)
                 total /= world
-            norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
+            if config.grad_clip:
+                norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             value, norm = torch.stack([total, norm.to(total.dtype)]).tolist()  # synchronises: the time is real
             if not math.isfinite(value):
                 # the weights are broken (the step before was finite): stop before a checkpoint could save them
