@@ -1,6 +1,6 @@
 """Ternary matmul kernel vs cuBLAS bf16 on the GPU -> results/kernels_h100.json.
 
-    python benchmarks/kernels.py [--out results/kernels_h100.json] [--iters 50]
+    python benchmarks/kernels.py [--out results/kernels_h100.json] [--iters 50] [--shapes 4096x4096,...]
 
 Shapes (out x in): 4096x4096, 14336x4096, 4096x14336 and SmolLM2's 576x576, 1536x576, 576x1536; batch 1, 8, 64,
 512; groups of 64 with fp16 scales; bf16 activations.
@@ -11,7 +11,8 @@ sees the same), and its calls cycle through enough copies of the weights (>= 256
 cannot serve them, so each call reads its weights from HBM, as consecutive layers of a model do.
 Bandwidth: bytes the ternary kernel must move (packed codes + scales + activations + output) over its time,
 against the measured device-to-device copy bandwidth (1 GiB tensor copy, bytes read + written). Batch-1 rows also
-time the fp32-arithmetic GEMV (``f16x2=False``) to show what the packed-half path buys.
+time the fp32-arithmetic GEMV (``f16x2=False``) to show what the packed-half path buys. Each row records the tile
+configuration the autotuner chose (``config``); the JSON is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -78,16 +79,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/kernels_h100.json")
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="out x in, comma-separated")
     args = parser.parse_args()
+    shapes = [tuple(int(side) for side in shape.split("x")) for shape in args.shapes.split(",")]
     if not torch.cuda.is_available():
         print("kernels: needs a CUDA GPU; nothing measured", file=sys.stderr)
         return 0
+    from atq.kernels import triton as kernels
     from atq.kernels.triton import ternary_matmul
     from atq.packing import pack
 
     copy_bw = copy_bandwidth()
     rows = []
-    for out_features, in_features in SHAPES:
+    for out_features, in_features in shapes:
         codes = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8, device="cuda")
         packed = pack(codes)
         scales = (torch.rand(out_features, in_features // 64, device="cuda") + 0.5).half()
@@ -104,6 +108,10 @@ def main() -> int:
                 row[f"{name}_us"] = 1e6 * graph_timed(
                     [lambda x=x, p=p, s=s, k=in_features, o=options: ternary_matmul(x, p, s, 64, k, **o)
                      for p, s in ternary_copies], args.iters)
+            tuner = kernels._gemv if batch <= kernels.GEMV_MAX_ROWS else kernels._gemm
+            ternary_matmul(x, packed, scales, 64, in_features)  # the default path last, so best_config is its
+            row["config"] = {**tuner.best_config.kwargs, "num_warps": tuner.best_config.num_warps,
+                             "num_stages": tuner.best_config.num_stages}
             row["bf16_us"] = 1e6 * graph_timed([lambda x=x, w=w: torch.matmul(x, w.T) for (w,) in dense_copies],
                                                args.iters)
             seconds = row["ternary_us"] / 1e6
@@ -112,10 +120,10 @@ def main() -> int:
                     "bandwidth_gbs": moved / seconds / 1e9, "bandwidth_fraction": moved / seconds / copy_bw}
             rows.append(row)
             print(rows[-1], file=sys.stderr, flush=True)
+            write_json(args.out, {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": copy_bw / 1e9,
+                                  "group_size": 64, "timing": "CUDA graph per call, weights rotated past L2",
+                                  "rows": rows})
         del ternary_copies, dense_copies
-    write_json(args.out, {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": copy_bw / 1e9,
-                          "group_size": 64, "timing": "CUDA graph per call, weights rotated past L2",
-                          "rows": rows})
     print(f"device-to-device copy: {copy_bw / 1e9:,.0f} GB/s")
     print(markdown_table(
         ["shape", "batch", "ternary us", "fp32-GEMV us", "bf16 us", "speedup", "bandwidth GB/s", "of copy",

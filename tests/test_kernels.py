@@ -32,12 +32,27 @@ def test_matches_the_float64_reference_and_writes_every_output(rows, granularity
     bias = torch.randn(40).to(DEVICE)
     weight = tensor.codes.double() * tensor.expanded_scales(torch.float16).double()
     expected = x.double().cpu() @ weight.T + bias.double().cpu()
-    for dtype in (torch.float32, torch.float16) if DEVICE == "cuda" else (torch.float32,):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16) if DEVICE == "cuda" else (torch.float32,):
         got = triton_kernels.ternary_matmul(x.to(dtype), packed, scales, tensor.group_size, in_features,
                                             bias.to(dtype))
         assert got.shape == (rows, 40) and got.dtype == dtype and torch.isfinite(got).all()  # no unwritten output
         error = (got.double().cpu() - expected).norm() / expected.norm()
         assert error <= 1e-2, (dtype, float(error))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_k_gemm_matches_the_reference(bias):
+    """Enough columns that the GEMM splits K (the last slice shorter) and adds the slices up."""
+    in_features = 2064
+    assert triton_kernels._k_split(20, 24, in_features) == 1024  # three slices, the last one 16 columns
+    tensor, packed, scales = packed_weight(24, in_features, "group", 48)
+    x = torch.randn(20, in_features, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    b = torch.randn(24).to(DEVICE) if bias else None
+    expected = x.double().cpu() @ (tensor.codes.double() * tensor.expanded_scales(torch.float16).double()).T
+    if bias:
+        expected += b.double().cpu()
+    got = triton_kernels.ternary_matmul(x, packed, scales, 48, in_features, b)
+    assert ((got.double().cpu() - expected).norm() / expected.norm()) <= 1e-2
 
 
 def test_poisoned_output_is_fully_overwritten(monkeypatch):
