@@ -4,7 +4,7 @@
 layout and whole-word rows (in_features % 16 == 0), and the torch reference (unpack, then ``F.linear``) everywhere
 else: CPU, base-3 packing, several planes, other shapes, or when Triton is missing. ``ATQ_KERNEL=reference`` forces
 the reference on the GPU too. On the H100 the Triton path beat the reference at every measured batch
-(results/decode_h100.json: 2.6x at batch 1 and 2.0x at batch 16 under CUDA graphs).
+(results/decode_h100.json: 2.6x at batch 1 and 2.1x at batch 16 under CUDA graphs).
 """
 
 from __future__ import annotations

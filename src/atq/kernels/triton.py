@@ -16,13 +16,13 @@ of FasterTransformer's int4 dequantizers): 1.2-1.4x faster than the fp32 form on
   rows), walking K in wide tiles of BLOCK_W words with the next tile's loads issued before the current tile is
   computed; each word is loaded once for all its activation rows. The activations' side of the PTX (``_x_pairs``)
   is computed once per (activation row, word) a thread holds and shared by its weight rows: two 16-byte loads and
-  ``prmt`` instead of 16 scattered 2-byte loads, which made the L1 the bottleneck (3.4-4.2x faster than cuBLAS
-  bf16 at batch 1 on the 4096-class shapes, 1.08-1.44x at batch 8; results/kernels_h100.json).
+  ``prmt`` instead of 16 scattered 2-byte loads, which made the L1 the bottleneck (3.3-4.0x faster than cuBLAS
+  bf16 at batch 1 on the 4096-class shapes, 1.05-1.44x at batch 8; results/kernels_h100.json).
 - ``_gemm``: out^T = W x^T in (BLOCK_N, BLOCK_M) tiles, so the weights are the MMA's wide side and small batches
   its narrow one. Weight tiles are decoded from words in packed halves of the activation dtype (``_DECODE_*``:
   code x scale, exact) and put in K order with ``join``s; up to SPLIT_K_MAX_ROWS rows, K is split so that enough
-  programs run, and ``_sum_splits`` adds the fp32 partial sums. 0.74-1.01x of cuBLAS bf16 at batch 64: the
-  decoded tile reaches the tensor cores through shared memory, and Triton does not pipeline the words' loads.
+  programs run, and ``_sum_splits`` adds the fp32 partial sums. At batch 64: 1.10-1.26x of cuBLAS bf16 on the
+  14336 shapes, 0.91x on 4096x4096, 0.70-0.81x on SmolLM2's (two launches against cuBLAS's one).
 
 Both need K % 16 == 0 (a row is whole int32 words; every Llama and GPT-2 shape is), which ``supported`` checks;
 other shapes take the torch reference. Scales are looked up per word (every group is whole words): the GEMV sums a
@@ -318,11 +318,23 @@ def _activation_tile(x_ptr, rows_m, m_mask, k0, K, stride_xm, BLOCK_K: tl.conste
 @triton.jit
 def _weight_words(w_ptr, scales_ptr, rows_n, n_mask, k0, KW, stride_wn, stride_sn, GROUP_W: tl.constexpr,
                   BLOCK_K: tl.constexpr):
-    """The weight words of the K tile starting at column ``k0`` and one scale per word (words past the row: 0)."""
+    """The weight words of the K tile starting at column ``k0`` and one scale per word (words past the row: 0).
+
+    Groups that tile the K tile are loaded once each and broadcast to their words: a per-word gather (``q //
+    GROUP_W``) made Triton lay the decoded tile out row-major in shared memory, one 2-byte store per weight
+    (20.0 -> 16.8 µs at 4096x4096, batch 64, on the H100)."""
     q = k0 // 16 + tl.arange(0, BLOCK_K // 16)
     both = n_mask[:, None] & (q < KW)[None, :]
     words = tl.load(w_ptr + rows_n[:, None] * stride_wn + q[None, :], mask=both, other=0x55555555)
-    return words, tl.load(scales_ptr + rows_n[:, None] * stride_sn + (q // GROUP_W)[None, :], mask=both, other=0.0)
+    if (BLOCK_K // 16) % GROUP_W == 0 and GROUP_W & (GROUP_W - 1) == 0:
+        groups = k0 // (16 * GROUP_W) + tl.arange(0, BLOCK_K // 16 // GROUP_W)
+        scale = tl.load(scales_ptr + rows_n[:, None] * stride_sn + groups[None, :],
+                        mask=n_mask[:, None] & (groups * GROUP_W < KW)[None, :], other=0.0)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (scale.shape[0], scale.shape[1], GROUP_W)),
+                           (scale.shape[0], BLOCK_K // 16))
+    else:
+        scale = tl.load(scales_ptr + rows_n[:, None] * stride_sn + (q // GROUP_W)[None, :], mask=both, other=0.0)
+    return words, scale
 
 
 _GEMM_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk, "PREFETCH": prefetch}, num_warps=warps,
