@@ -23,8 +23,8 @@ import torch
 from transformers import StaticCache
 
 from atq import QuantConfig, load_model, quantize
-from atq.bench import markdown_table
-from atq.io import write_json
+from atq.files import write_json
+from atq.stats import markdown_table
 
 PROMPT = 32
 WARMUP = 3

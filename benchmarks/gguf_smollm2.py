@@ -28,7 +28,7 @@ from atq import QuantConfig, load_model, quantize
 from atq.data import load_text, token_windows
 from atq.evaluate import evaluate_windows
 from atq.export.gguf import export_gguf
-from atq.io import write_json
+from atq.files import write_json
 from atq.models import smollm2
 
 CONFIG = QuantConfig(granularity="row", calibration="wikitext2_valid", calibration_windows=64,

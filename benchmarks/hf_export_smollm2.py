@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from atq import QuantConfig, load_model, quantize, save_quantized
-from atq.bench import directory_bytes
 from atq.data import load_text, token_windows
 from atq.evaluate import evaluate_windows
 from atq.export.hf import export_hf
-from atq.io import write_json
+from atq.files import write_json
+from atq.stats import directory_bytes
 
 PLAIN_TRANSFORMERS = """
 import json, sys, torch, torch.nn.functional as F

@@ -23,8 +23,8 @@ import sys
 
 import torch
 
-from atq.bench import markdown_table
-from atq.io import write_json
+from atq.files import write_json
+from atq.stats import markdown_table
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (576, 576), (1536, 576), (576, 1536)]
 BATCHES = [1, 8, 64, 512]

@@ -24,10 +24,11 @@ import torch
 from safetensors.torch import save_file
 
 from atq import QuantConfig, load_model, quantize, save_quantized
-from atq.bench import directory_bytes, model_stats
 from atq.data import load_text, token_windows
 from atq.evaluate import evaluate_windows
-from atq.io import unique_state_dict, write_json
+from atq.files import write_json
+from atq.io import unique_state_dict
+from atq.stats import directory_bytes, model_stats
 
 METHODS: list[tuple[str, QuantConfig]] = [
     ("seed preset (tensor, 0.7 std)", QuantConfig.seed()),

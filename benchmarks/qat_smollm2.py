@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from atq import QuantConfig, load_model, load_quantized, quantize, save_quantized
-from atq.bench import model_stats
 from atq.config import COMPILE_MODES, ROTATIONS
 from atq.data import cached_generated_windows, load_text, token_windows
 from atq.evaluate import evaluate_windows
-from atq.io import write_json
+from atq.files import write_json
 from atq.qat import TrainConfig, prepare_qat, to_packed, train
+from atq.stats import model_stats
 
 PTQ_INIT = QuantConfig(granularity="group", group_size=64, reconstruct_steps=64)
 # name -> (prepare_qat options, learning rate relative to --lr)

@@ -19,9 +19,9 @@ import time
 import torch
 
 from atq import QuantConfig, load_model
-from atq.bench import markdown_table
-from atq.io import write_json
+from atq.files import write_json
 from atq.qat import TrainConfig, _compiled, _step_loss, prepare_qat, train
+from atq.stats import markdown_table
 
 # name -> (prepare_qat options, micro-batch windows, TrainConfig.compile)
 SETTINGS = {

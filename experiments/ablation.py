@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from atq import QuantConfig, load_model, quantize
-from atq.bench import model_stats
 from atq.data import load_text, token_windows
 from atq.evaluate import evaluate_windows
-from atq.io import write_json
+from atq.files import write_json
 from atq.sensitivity import keep_in_fp, sensitivity
+from atq.stats import model_stats
 from atq.surgery import select_linear_layers
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from atq import QuantConfig, quantize, quantize_model
-from atq.bench import model_stats
+from atq.stats import model_stats
 from atq.surgery import linear_weight
 
 

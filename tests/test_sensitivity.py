@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from atq import QuantConfig, quantize
-from atq.bench import model_stats
 from atq.sensitivity import keep_in_fp, sensitivity
+from atq.stats import model_stats
 from atq.surgery import linear_weight, select_linear_layers
 
 from .conftest import make_gpt2, make_llama

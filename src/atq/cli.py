@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import directory_bytes, model_stats
 from .config import COMPILE_MODES, GRANULARITIES, MODES, ROTATIONS, QuantConfig
+from .stats import directory_bytes, model_stats
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

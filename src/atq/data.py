@@ -129,7 +129,7 @@ def cached_generated_windows(
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from .io import atomic_file
+    from .files import atomic_file
 
     path = Path(cache)
     source = str(getattr(getattr(model, "config", None), "_name_or_path", "")) or type(model).__name__

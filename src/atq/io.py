@@ -11,13 +11,8 @@ The model is rebuilt from the stored HF config, so loading needs neither the hub
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .files import atomic_directory, sha256_file
 from .layers import PackedTernaryLinear
 from .packing import check_packed
 from .surgery import set_module
@@ -36,14 +32,6 @@ WEIGHTS_FILE = "model.safetensors"
 
 class ArtifactError(ValueError):
     """A missing, truncated, altered or incompatible artifact file."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _package_version() -> str:
@@ -99,50 +87,6 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: An
         }
         (tmp / ARTIFACT_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
     return directory
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``directory`` to write into; on success it replaces ``directory``, on any
-    error (a kill included) it is removed and whatever was at ``directory`` stays as it was."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        yield tmp
-        _swap_in(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; on success a rename puts it at ``path``, on any error it
-    is removed: readers never see half a file, and a failed write leaves nothing behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _swap_in(tmp: Path, directory: Path) -> None:
-    """Replace ``directory`` by ``tmp`` with two renames; the old copy is deleted only once the new one is in."""
-    if directory.exists():
-        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
 
 
 def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import ARTIFACT_CONFIG, load_quantized, sha256_file
+from .files import sha256_file
+from .io import ARTIFACT_CONFIG, load_quantized
 
 log = logging.getLogger(__name__)
 

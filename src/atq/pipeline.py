@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bench import model_stats
 from .config import QuantConfig
 from .layers import PackedTernaryLinear
 from .quantizers import ternarize
 from .rotation import check_rotatable, rotate_model
+from .stats import model_stats
 from .surgery import all_linear_names, linear_weight, select_linear_layers, set_module
 
 log = logging.getLogger(__name__)

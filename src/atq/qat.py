@@ -271,7 +271,8 @@ def train(
     JSON at every checkpoint and at the end. Under torch.distributed (initialised by the caller, e.g. torchrun)
     gradients are averaged over processes and only rank 0 writes files.
     """
-    from .io import load_checkpoint, save_checkpoint, write_json
+    from .files import write_json
+    from .io import load_checkpoint, save_checkpoint
 
     rank, world = _world()
     if config.batch_size % world:

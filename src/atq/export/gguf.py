@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_file
+from ..files import atomic_file
 from ..layers import PackedTernaryLinear
 
 TERNARY_TYPES = ("tq2_0", "tq1_0", "f16")  # f16: a same-weights reference file without TQ types

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import atomic_directory
+from ..files import atomic_directory
 from ..layers import PackedTernaryLinear
 from .gguf import ExportError
 

@@ -1,4 +1,4 @@
-from atq.bench import markdown_table
+from atq.stats import markdown_table
 
 
 def test_markdown_table_right_aligns_numeric_columns():
