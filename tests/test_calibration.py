@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from atq import QuantConfig, quantize
-from atq.calibration import accumulate_hessians, capture_block_inputs, gptq_ternary
+from atq.capture import accumulate_hessians, capture_block_inputs
 from atq.data import DataError
+from atq.gptq import gptq_ternary
+from atq.layers import PackedTernaryLinear, TernaryLinear
 from atq.surgery import decoder_blocks
+from atq.ternary import PackedTernary
 
 from .conftest import make_gpt2, make_llama
 
@@ -25,15 +28,15 @@ def test_compensation_lowers_the_output_error():
     torch.manual_seed(0)
     weight, x = torch.randn(24, 32), correlated_inputs()
     hessian = x.T @ x / len(x)
-    plain = gptq_ternary(weight, hessian, group_size=16, compensate=False).dequantize()
-    compensated = gptq_ternary(weight, hessian, group_size=16, compensate=True).dequantize()
+    plain = gptq_ternary(weight, hessian, group_size=16, compensate=False)[0].dequantize()
+    compensated = gptq_ternary(weight, hessian, group_size=16, compensate=True)[0].dequantize()
     assert output_error(weight, compensated, x) < 0.8 * output_error(weight, plain, x)
 
 
 def test_without_compensation_each_column_rounds_to_the_nearest_level():
     torch.manual_seed(1)
     weight, x = torch.randn(8, 16), correlated_inputs(dim=16)
-    tensor = gptq_ternary(weight, x.T @ x, group_size=8, compensate=False)
+    tensor = gptq_ternary(weight, x.T @ x, group_size=8, compensate=False)[0]
     restored = tensor.dequantize()
     for row in range(8):
         for group in range(2):
@@ -48,8 +51,8 @@ def test_two_planes_beat_one_and_codes_are_trits():
     torch.manual_seed(2)
     weight, x = torch.randn(16, 32), correlated_inputs()
     hessian = x.T @ x
-    one = gptq_ternary(weight, hessian, group_size=16, planes=1)
-    two = gptq_ternary(weight, hessian, group_size=16, planes=2)
+    one = gptq_ternary(weight, hessian, group_size=16, planes=1)[0]
+    two = gptq_ternary(weight, hessian, group_size=16, planes=2)[0]
     assert two.codes.shape == (2, 16, 32) and set(two.codes.unique().tolist()) <= {-1, 0, 1}
     assert output_error(weight, two.dequantize(), x) < 0.5 * output_error(weight, one.dequantize(), x)
 
@@ -58,7 +61,7 @@ def test_dead_inputs_are_dampened_not_fatal():
     weight = torch.randn(4, 8)
     x = torch.randn(64, 8)
     x[:, 3] = 0  # a dead input: zero row and column in H, singular without dampening
-    tensor = gptq_ternary(weight, x.T @ x, group_size=4)
+    tensor = gptq_ternary(weight, x.T @ x, group_size=4)[0]
     assert torch.isfinite(tensor.dequantize()).all()
     assert not tensor.codes[:, 3].any()
 
@@ -129,28 +132,25 @@ def test_sparsity_target_holds_under_compensation():
     torch.manual_seed(4)
     weight, x = torch.randn(32, 64), correlated_inputs(dim=64)
     for target in (0.3, 0.5, 0.7):
-        tensor = gptq_ternary(weight, x.T @ x, group_size=32, sparsity=target)
+        tensor = gptq_ternary(weight, x.T @ x, group_size=32, sparsity=target)[0]
         assert tensor.sparsity() == pytest.approx(target, abs=0.05)
-        plain = gptq_ternary(weight, x.T @ x, group_size=32, sparsity=target, compensate=False)
+        plain = gptq_ternary(weight, x.T @ x, group_size=32, sparsity=target, compensate=False)[0]
         # without compensation every group hits the target exactly
         assert plain.sparsity() == pytest.approx(round(target * 32) / 32, abs=1e-9)
 
 
 @pytest.mark.parametrize("planes", [1, 2])
-def test_latent_weights_start_on_the_grid_and_write_back_their_codes(planes):
-    from atq.calibration import _TunableTernary
-    from atq.layers import PackedTernaryLinear
-
+def test_latent_weights_start_on_the_grid_and_freeze_to_their_codes(planes):
     torch.manual_seed(3)
     weight, x = torch.randn(12, 40), correlated_inputs(dim=40)
-    layer = PackedTernaryLinear.from_ternary(gptq_ternary(weight, x.T @ x, group_size=16, planes=planes))
-    tunable = _TunableTernary(layer, latent=True)
-    assert torch.equal(tunable.current_codes(), layer.ternary().codes.float())  # training starts at the GPTQ codes
-    assert torch.allclose(tunable(x[:5]), layer(x[:5]), atol=1e-5)
+    layer = PackedTernaryLinear(PackedTernary.pack(gptq_ternary(weight, x.T @ x, group_size=16, planes=planes)[0]))
+    trainable = TernaryLinear(layer.ternary(), None, QuantConfig(planes=planes), rounding="nearest")
+    assert torch.equal(trainable.current_codes(), layer.ternary().codes.float())  # training starts at the GPTQ codes
+    assert torch.allclose(trainable(x[:5]), layer(x[:5]), atol=1e-5)
     before = layer.ternary().codes.clone()
     with torch.no_grad():
-        tunable.latent.mul_(-1)  # move every latent weight to the opposite level: codes must follow
-    assert torch.equal(tunable.write_back().ternary().codes, -before)
+        trainable.weight.mul_(-1)  # move every latent weight to the opposite level: codes must follow
+    assert torch.equal(trainable.freeze().ternary().codes, -before)
 
 
 def test_latent_weight_reconstruction_beats_scales_only():
@@ -167,15 +167,13 @@ def test_latent_weight_reconstruction_beats_scales_only():
 
 
 def test_latent_weights_from_gptq_rounded_values_reproduce_its_codes():
-    from atq.calibration import _TunableTernary
-    from atq.layers import PackedTernaryLinear
-
     torch.manual_seed(5)
     weight, x = torch.randn(16, 48), correlated_inputs(dim=48)
-    tensor = gptq_ternary(weight, x.T @ x, group_size=16, planes=2)
-    assert tensor.rounded.shape == weight.shape and not torch.equal(tensor.rounded, weight)  # compensated values
-    tunable = _TunableTernary(PackedTernaryLinear.from_ternary(tensor), latent=True, start=tensor.rounded)
-    agree = (tunable.current_codes() == tensor.codes.float()).float().mean()
+    tensor, rounded = gptq_ternary(weight, x.T @ x, group_size=16, planes=2)
+    assert rounded.shape == weight.shape and not torch.equal(rounded, weight)  # compensated values
+    trainable = TernaryLinear(PackedTernary.pack(tensor).ternary(), None, QuantConfig(planes=2), rounding="nearest",
+                              latent=rounded)
+    agree = (trainable.current_codes() == tensor.codes.float()).float().mean()
     assert agree > 0.995  # fp16 storage of the scales may flip an exact tie, nothing more
 
 

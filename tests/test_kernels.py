@@ -8,6 +8,8 @@ triton is absent.
 import pytest
 import torch
 
+from atq.ternary import PackedTernary
+
 triton_kernels = pytest.importorskip("atq.kernels.triton", exc_type=ImportError)
 
 from atq import QuantConfig, ternarize
@@ -84,16 +86,17 @@ def test_rows_of_partial_words_are_refused_and_dispatched_to_the_reference():
     with pytest.raises(ValueError, match="% 16"):
         triton_kernels.ternary_matmul(torch.randn(1, 72, device=DEVICE), packed, scales, 72, 72)
     assert not triton_kernels.supported(torch.randn(1, 72), packed, "2bit", 72, 72)
-    assert not use_triton(torch.randn(1, 72, device=DEVICE), packed, 72, 72, "2bit")
+    assert not use_triton(torch.randn(1, 72, device=DEVICE), PackedTernary(packed, scales, 72, 72))
 
 
 def test_dispatch_uses_triton_on_cuda_unless_told_otherwise(monkeypatch):
     from atq.kernels import use_triton
 
-    x, packed = torch.randn(1, 64), torch.zeros(4, 16, dtype=torch.uint8)
+    x = torch.randn(1, 64)
+    two_bit = PackedTernary.empty(4, 64, 64, 4)
     monkeypatch.delenv("ATQ_KERNEL", raising=False)
-    assert not use_triton(x, packed, 64, 64, "2bit")  # CPU input: the reference
-    assert not use_triton(x.to(DEVICE), packed.to(DEVICE), 64, 64, "base3")  # no kernel for base-3
-    assert use_triton(x.to(DEVICE), packed.to(DEVICE), 64, 64, "2bit") == (DEVICE == "cuda")
+    assert not use_triton(x, two_bit)  # CPU input: the reference
+    assert not use_triton(x.to(DEVICE), PackedTernary.empty(4, 64, 64, 4, packing="base3", device=DEVICE))
+    assert use_triton(x.to(DEVICE), PackedTernary.empty(4, 64, 64, 4, device=DEVICE)) == (DEVICE == "cuda")
     monkeypatch.setenv("ATQ_KERNEL", "reference")
-    assert not use_triton(x.to(DEVICE), packed.to(DEVICE), 64, 64, "2bit")
+    assert not use_triton(x.to(DEVICE), PackedTernary.empty(4, 64, 64, 4, device=DEVICE))

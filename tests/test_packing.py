@@ -70,7 +70,7 @@ def test_base3_round_trip_any_shape_and_dtype(codes):
     packed = pack(codes, "base3")
     assert packed.dtype == torch.uint8 and packed.shape[-1] == packed_bytes(codes.shape[-1], "base3")
     assert torch.equal(unpack(packed, codes.shape[-1], "base3").long(), codes.long())
-    check_packed(packed, codes.shape[-1], layout="base3")
+    check_packed(packed, codes.shape[-1], packing="base3")
 
 
 def test_base3_layout_and_density():
@@ -82,6 +82,6 @@ def test_base3_layout_and_density():
     bad = pack(torch.zeros(1, 7, dtype=torch.int8), "base3")
     bad[0, 0] = 250
     with pytest.raises(ValueError, match="above 242"):
-        check_packed(bad, 7, layout="base3")
-    with pytest.raises(ValueError, match="unknown packing layout"):
+        check_packed(bad, 7, packing="base3")
+    with pytest.raises(ValueError, match="unknown packing"):
         pack(torch.zeros(4, dtype=torch.int8), "base4")

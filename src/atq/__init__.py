@@ -12,12 +12,13 @@ from .evaluate import evaluate, perplexity
 from .io import ArtifactError, load_quantized, save_quantized
 from .layers import PackedTernaryLinear, TernaryLinear
 from .models import load_model, smollm2
-from .pipeline import quantize, quantize_model
+from .ptq import quantize, quantize_model
 from .quantizers import ternarize
-from .ternary import TernaryTensor
+from .ternary import PackedTernary, TernaryTensor
 
 __all__ = [
     "ArtifactError",
+    "PackedTernary",
     "PackedTernaryLinear",
     "QuantConfig",
     "TernaryLinear",

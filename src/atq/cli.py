@@ -159,7 +159,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .data import load_text
     from .io import save_quantized
     from .models import load_model
-    from .pipeline import quantize
+    from . import quantize
 
     config = _config_from_args(args)  # validate before any slow work
     for source in ([args.data] if args.eval else []) + [config.calibration]:

@@ -5,7 +5,7 @@ An artifact directory holds
                          every tensor that stays floating point (tied tensors once, their aliases in the JSON);
   tokenizer files        when a tokenizer is given, so the artifact evaluates without its source;
   ``atq_config.json``    format version, package version, QuantConfig, the HF model config, per-layer
-                         layout and precision, and the sha256 and size of every other file.
+                         packed-weight metadata and precision, and the sha256 and size of every other file.
 The model is rebuilt from the stored HF config, so loading needs neither the hub nor the original files.
 """
 
@@ -22,8 +22,8 @@ from torch import nn
 from .config import QuantConfig
 from .files import atomic_directory, sha256_file
 from .layers import PackedTernaryLinear
-from .packing import check_packed
 from .surgery import set_module
+from .ternary import PackedTernary
 
 FORMAT_VERSION = 1
 ARTIFACT_CONFIG = "atq_config.json"
@@ -54,11 +54,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: An
     directory = Path(directory)
     tensors, aliases = unique_state_dict(model)
     layers = {
-        name: {
-            "precision": "ternary", "in_features": m.in_features, "out_features": m.out_features,
-            "group_size": m.group_size, "scale_rows": m.scales.shape[-2], "planes": m.planes,
-            "layout": m.layout, "bias": m.bias is not None, "activations": m.activations,
-        }
+        name: {"precision": "ternary", **m.weight.metadata(), "bias": m.bias is not None, "activations": m.activations}
         for name, m in model.named_modules() if isinstance(m, PackedTernaryLinear)
     }
     for row in getattr(model, "atq_report", []):
@@ -154,21 +150,21 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device | No
     if type(model).__name__ != meta["model_class"]:
         raise ArtifactError(f"{directory}: config builds {type(model).__name__}, artifact holds {meta['model_class']}")
     model.to(getattr(torch, meta["dtype"]))
+    dtype = getattr(torch, meta["dtype"])
     for name, layer in meta["layers"].items():
         if layer["precision"] == "ternary":
-            set_module(model, name, PackedTernaryLinear(
-                layer["in_features"], layer["out_features"], layer["group_size"], layer["scale_rows"],
-                bias=layer["bias"], dtype=getattr(torch, meta["dtype"]), planes=layer["planes"],
-                layout=layer["layout"], activations=layer.get("activations", "fp"),
-            ))
+            bias = torch.zeros(layer["out_features"], dtype=dtype) if layer["bias"] else None
+            frame = PackedTernary.from_metadata({"packing": layer.get("layout", "2bit"), **layer})  # 'layout': <= 0.1
+            set_module(model, name, PackedTernaryLinear(frame, bias,
+                                                        layer.get("activations", "fp")))
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))
     except SafetensorError as error:
         raise ArtifactError(f"{directory / WEIGHTS_FILE}: unreadable safetensors file ({error})") from error
-    for name, layer in meta["layers"].items():
-        if layer["precision"] == "ternary":
-            check_packed(tensors[f"{name}.packed"], layer["in_features"], name=f"{WEIGHTS_FILE}:{name}.packed",
-                         layout=layer["layout"])
+    for name, module in model.named_modules():
+        if isinstance(module, PackedTernaryLinear):
+            PackedTernary(tensors[f"{name}.packed"], tensors[f"{name}.scales"], module.group_size,
+                          module.in_features, module.packing).check(f"{WEIGHTS_FILE}:{name}.packed")
     result = model.load_state_dict(tensors, strict=False)
     missing = set(result.missing_keys) - set(meta["tied"])
     if missing or result.unexpected_keys:

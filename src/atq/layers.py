@@ -1,4 +1,6 @@
-"""Ternary linear layers: one for training (latent weights + STE), one for inference (packed buffers).
+"""The two ternary linear layers and their lifecycle: ``TernaryLinear`` (trainable) ``.freeze()`` ->
+``PackedTernaryLinear`` (inference). Block reconstruction, end-to-end tuning and QAT all swap trainable layers
+in, train them, and freeze them back (tuning.py, qat.py).
 
 Both take weights in nn.Linear orientation (out, in); GPT-2's Conv1D is transposed once, in surgery.
 """
@@ -10,147 +12,149 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
-from .kernels import dequantize_packed, ternary_linear
-from .packing import pack, packed_bytes, unpack
-from .quantizers import ternarize
-from .ternary import TernaryTensor, expand_group_scales
+from .kernels import ternary_linear
+from .quantizers import ternarize, trit_combinations
+from .ternary import SCALE_DTYPE, PackedTernary, TernaryTensor, dense_weight, expand_group_scales
 
-SCALE_DTYPE = torch.float16  # scales are stored (and computed with) in fp16: what the artifact holds
 # The smallest normal fp16: a learned scale driven toward 0 must not round to 0 in fp16, or w/α is 0/0 = NaN.
 _MIN_SCALE = torch.finfo(SCALE_DTYPE).tiny
+ROUNDINGS = ("fixed", "nearest", "lsq", "rule")
+
+
+def straight_through(value: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
+    """``forward`` in the forward pass, the identity to ``value`` in the backward (the straight-through
+    estimator): the one spelling of the trick for weights, scales and activations alike."""
+    return value + (forward - value).detach()
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """Per-token symmetric int8 fake quantization, exactly as transformers' BitLinear does it (absmax over the
     last dimension, clamped at 1e-5; round half to even), with a straight-through gradient for training."""
     scale = 127 / x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
-    quantized = (x * scale).round().clamp(-128, 127) / scale
-    return x + (quantized - x).detach()
+    return straight_through(x, (x * scale).round().clamp(-128, 127) / scale)
 
 
 class PackedTernaryLinear(nn.Module):
-    """Inference layer: packed 2-bit codes ([planes,] out, ceil(in/4)) uint8 + fp16 scales ([planes,] 1|out, groups).
+    """Inference layer holding one ``PackedTernary`` (``.weight``) and an optional bias.
 
-    Row-major along the input dimension, the layout a GEMV kernel streams and that regroups into llama.cpp's
-    TQ2_0 blocks of 256 without re-quantizing (see packing.py).
+    The packed codes and scales are registered as buffers (``<name>.packed``, ``<name>.scales`` in the state
+    dict, so ``.to()``, CUDA graphs and safetensors see plain tensors); ``weight`` presents them with their
+    metadata as the one packed-weight type that kernels, artifacts and exports take.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        group_size: int,
-        scale_rows: int,
-        bias: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        planes: int = 1,
-        layout: str = "2bit",
-        activations: str = "fp",
-    ) -> None:
+    def __init__(self, weight: PackedTernary, bias: torch.Tensor | None = None, activations: str = "fp") -> None:
         super().__init__()
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.planes, self.layout, self.activations = planes, layout, activations
-        n_groups = -(-in_features // group_size)
-        lead = (planes,) if planes > 1 else ()
-        zeros = pack(torch.zeros(1, in_features, dtype=torch.int8), layout)  # the packed form of all-zero codes
-        self.register_buffer("packed", zeros.expand(*lead, out_features, packed_bytes(in_features, layout))
-                             .clone().to(device))
-        self.register_buffer("scales", torch.zeros(*lead, scale_rows, n_groups, dtype=SCALE_DTYPE, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.out_features, self.in_features = weight.shape
+        self.group_size, self.packing, self.activations = weight.group_size, weight.packing, activations
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().to(weight.device))
 
-    @classmethod
-    def from_ternary(
-        cls, tensor: TernaryTensor, bias: torch.Tensor | None = None, layout: str = "2bit", activations: str = "fp"
-    ) -> PackedTernaryLinear:
-        out_features, in_features = tensor.shape
-        layer = cls(
-            in_features, out_features, tensor.group_size, tensor.scales.shape[-2], bias=bias is not None,
-            dtype=bias.dtype if bias is not None else torch.float32, device=tensor.codes.device,
-            planes=tensor.planes, layout=layout, activations=activations,
-        )
-        layer.packed.copy_(pack(tensor.codes, layout))
-        layer.scales.copy_(tensor.scales.to(SCALE_DTYPE))
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
-        return layer
+    @property
+    def weight(self) -> PackedTernary:
+        return PackedTernary(self.packed, self.scales, self.group_size, self.in_features, self.packing)
+
+    @property
+    def planes(self) -> int:
+        return self.packed.shape[0] if self.packed.dim() == 3 else 1
 
     def ternary(self) -> TernaryTensor:
-        codes = unpack(self.packed, self.in_features, self.layout)
-        return TernaryTensor(codes, self.scales.float(), self.group_size)
+        return self.weight.ternary()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_packed(self.packed, self.scales, self.group_size, self.in_features, dtype, self.layout)
+        return self.weight.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations == "int8":
             x = quantize_activations(x)
-        return ternary_linear(x, self.packed, self.scales, self.group_size, self.in_features, self.bias, self.layout)
+        return ternary_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"scale_rows={self.scales.shape[-2]}, planes={self.planes}, layout={self.layout}, "
-            f"activations={self.activations}, "
-            f"bias={self.bias is not None}"
-        )
-
-
-def straight_through(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
-    """Forward value: the ternary weight; gradient: identity to the latent weight (straight-through estimator)."""
-    quantized = ternarize(weight.detach(), config).dequantize(weight.dtype)
-    return weight + (quantized - weight).detach()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"scale_rows={self.scales.shape[-2]}, planes={self.planes}, packing={self.packing}, "
+                f"activations={self.activations}, bias={self.bias is not None}")
 
 
 class TernaryLinear(nn.Module):
-    """Training layer: a latent FP weight ternarised every forward; gradients pass straight through.
+    """Trainable ternary layer; ``freeze()`` returns the PackedTernaryLinear that computes what it computed.
 
-    Scales are either *recomputed* from the latent weights each step by ``config``'s rule (the threshold and
-    scale follow the weights), or *learned* (``learned_scales``): one trainable scale per row/group, codes
-    round(clamp(w/α, -1, 1)) and an LSQ-style gradient for α (ParetoQ's choice for ternary), initialised from
-    ``config``'s fit. ``dead_zone_bias`` (Tequila) adds λ·Σ of each row's zero-coded latent weights as a
-    bias: weights trapped in the dead zone then get a real gradient instead of only the STE's noise, and at
-    inference the term is a constant bias vector (folded in by ``to_packed``).
+    ``rounding`` says how codes follow training (chosen once, at construction):
+      ``fixed``   codes frozen (a PTQ layer's), scales trained: block reconstruction, end-to-end tuning;
+      ``nearest`` latent weights re-rounded each step to the nearest level of the current (K-plane) grid,
+                  identity gradient to the latent weights (EfficientQAT's Block-AP);
+      ``lsq``     one plane, codes round(clamp(w/α, -1, 1)) and an LSQ gradient for α (ParetoQ's choice for
+                  ternary QAT);
+      ``rule``    scales recomputed from the latent weights each step by ``config``'s PTQ rule (no trained α).
+    Learned scales enter the forward at the fp16 value the artifact will store, so the frozen layer is exact.
+    ``dead_zone_bias`` (Tequila) adds λ·Σ of each row's zero-coded latent weights as a bias, so weights trapped
+    in the dead zone get a real gradient; ``freeze`` folds it into a constant bias.
     """
 
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        config: QuantConfig,
-        learned_scales: bool = False,
-        dead_zone_bias: bool = False,
-    ) -> None:
+    def __init__(self, tensor: TernaryTensor, bias: torch.Tensor | None, config: QuantConfig, *,
+                 rounding: str = "fixed", latent: torch.Tensor | None = None, dead_zone_bias: bool = False) -> None:
         super().__init__()
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"TernaryLinear rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if rounding == "lsq" and tensor.planes != 1:
+            raise ValueError("learned (LSQ) scales support one trit-plane only")
+        self.out_features, self.in_features = tensor.shape
+        self.config, self.rounding, self.group_size = config, rounding, tensor.group_size
+        start = tensor.dequantize(torch.float32) if latent is None else latent.detach().float()
+        self.weight = nn.Parameter(start.clone()) if rounding != "fixed" else None
+        self.register_buffer("codes", None if rounding != "fixed" else tensor.codes.float(), persistent=False)
+        self.scales = nn.Parameter(tensor.scales.detach().float().clone()) if rounding != "rule" else None
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.dead_zone = nn.Parameter(torch.tensor(1e-3)) if dead_zone_bias else None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, config: QuantConfig,
+                    learned_scales: bool = False, dead_zone_bias: bool = False) -> TernaryLinear:
+        """QAT from an FP weight: latent weights start at it, scales at ``config``'s fit (if learned)."""
         if weight.dim() != 2:
             raise ValueError(f"TernaryLinear expects a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
         if learned_scales and config.planes != 1:
             raise ValueError("learned scales support one trit-plane only")
-        self.out_features, self.in_features = weight.shape
-        self.config = config
-        self.weight = nn.Parameter(weight.detach().clone())
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self.scales = self.group_size = None
-        if learned_scales:
-            fitted = ternarize(self.weight.detach(), config)
-            self.group_size = fitted.group_size
-            self.scales = nn.Parameter(fitted.scales.clone())
-        self.dead_zone = nn.Parameter(torch.tensor(1e-3)) if dead_zone_bias else None
+        fitted = ternarize(weight.detach(), config)
+        return cls(fitted, bias, config, rounding="lsq" if learned_scales else "rule", latent=weight,
+                   dead_zone_bias=dead_zone_bias)
 
-    def _learned_ratio(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(α, clamp(w/α, -1, 1)) for learned scales, α per column; the forward sees the stored fp16 value of α
-        while its gradient reaches the fp32 parameter."""
-        alpha = self.scales.abs().clamp(min=_MIN_SCALE)
-        alpha = alpha + (alpha.to(SCALE_DTYPE).float() - alpha).detach()
-        alpha = expand_group_scales(alpha, self.group_size, self.in_features)
-        return alpha, (self.weight / alpha).clamp(-1, 1)
+    def _alpha(self) -> torch.Tensor:
+        """The learned scales as the forward sees them: their stored fp16 value (under autograd with the
+        gradient passed to the fp32 parameter); for LSQ also kept positive, since w/α divides by them."""
+        alpha = self.scales.abs().clamp(min=_MIN_SCALE) if self.rounding == "lsq" else self.scales
+        stored = alpha.to(SCALE_DTYPE).float()
+        return straight_through(alpha, stored) if torch.is_grad_enabled() else stored
+
+    @torch.no_grad()
+    def current_codes(self) -> torch.Tensor:
+        """The codes the forward uses now ([planes,] out, in), as floats."""
+        if self.rounding == "fixed":
+            return self.codes
+        if self.rounding == "rule":
+            return ternarize(self.weight, self.config).codes.float()
+        alpha = self._alpha()
+        if self.rounding == "lsq":
+            return (self.weight / expand_group_scales(alpha, self.group_size, self.in_features)).clamp(-1, 1).round()
+        planes = alpha if alpha.dim() == 3 else alpha.unsqueeze(0)  # (planes, rows, groups)
+        combos = trit_combinations(planes.shape[0], alpha.device)
+        levels = torch.einsum("krg,lk->rlg", planes, combos)  # (rows, levels, groups)
+        levels = expand_group_scales(levels, self.group_size, self.in_features)  # (rows, levels, in)
+        codes = combos[(self.weight.unsqueeze(1) - levels).abs().argmin(1)].permute(2, 0, 1)
+        return codes if alpha.dim() == 3 else codes[0]
 
     def quantized_weight(self) -> torch.Tensor:
-        """The ternary weight of the forward pass, differentiable through the straight-through estimator."""
-        if self.scales is None:
-            return straight_through(self.weight, self.config)
-        alpha, ratio = self._learned_ratio()
-        return alpha * (ratio + (ratio.round() - ratio).detach())
+        """The ternary weight of the forward pass, differentiable as ``rounding`` says."""
+        if self.rounding == "rule":
+            return straight_through(self.weight, ternarize(self.weight.detach(), self.config).dequantize())
+        alpha = self._alpha()
+        if self.rounding == "lsq":
+            alpha = expand_group_scales(alpha, self.group_size, self.in_features)
+            ratio = (self.weight / alpha).clamp(-1, 1)
+            return alpha * straight_through(ratio, ratio.round())
+        weight = dense_weight(self.current_codes(), alpha, self.group_size, torch.float32)
+        if self.rounding == "nearest":  # the latent weights take the weight's gradient as it is (identity)
+            weight = weight + (self.weight - self.weight.detach())
+        return weight
 
     def _bias(self, zero: torch.Tensor) -> torch.Tensor | None:
         """The layer's bias plus, with the dead-zone option, λ·Σ of each row's latent weights where ``zero``."""
@@ -168,19 +172,18 @@ class TernaryLinear(nn.Module):
 
     @torch.no_grad()
     def to_ternary(self) -> TernaryTensor:
-        if self.scales is None:
+        if self.rounding == "rule":
             return ternarize(self.weight, self.config)
-        _, ratio = self._learned_ratio()
-        alpha = self.scales.abs().clamp(min=_MIN_SCALE).to(SCALE_DTYPE).float()
-        return TernaryTensor(ratio.round().to(torch.int8), alpha, self.group_size)
+        return TernaryTensor(self.current_codes().to(torch.int8), self._alpha(), self.group_size)
 
     @torch.no_grad()
-    def to_packed(self) -> PackedTernaryLinear:
+    def freeze(self) -> PackedTernaryLinear:
+        """The inference layer: codes packed, scales in fp16, a dead-zone term folded into the bias."""
         tensor = self.to_ternary()
         bias = self._bias(tensor.dequantize() == 0)
-        return PackedTernaryLinear.from_ternary(tensor, None if bias is None else bias.detach().clone(),
-                                                self.config.packing, self.config.activations)
+        return PackedTernaryLinear(PackedTernary.pack(tensor, self.config.packing),
+                                   None if bias is None else bias.detach(), self.config.activations)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.config.mode}, "
-                f"learned_scales={self.scales is not None}, dead_zone_bias={self.dead_zone is not None}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rounding={self.rounding}, "
+                f"dead_zone_bias={self.dead_zone is not None}")

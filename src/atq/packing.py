@@ -1,11 +1,11 @@
-"""Trits to bytes and back: the one place that knows the bit layouts.
+"""Trits to bytes and back: the one place that knows the bit layouts (a weight's ``packing``).
 
-Two layouts, both along the last dimension with zero padding (callers keep the true length):
+Two packings, both along the last dimension with zero padding (callers keep the true length):
 ``2bit``  four trits a byte (2 bits each): cheap to unpack with shifts, what GPU kernels and TQ2_0 want;
 ``base3`` five trits a byte as one base-3 number (3^5 = 243 <= 256): 1.6 bits a trit, TQ1_0's density, for
           storage-bound uses such as several trit-planes.
 
-2bit layout: codes run along the last dimension (the input dimension of a weight, so a row's bytes are contiguous for
+2bit: codes run along the last dimension (the input dimension of a weight, so a row's bytes are contiguous for
 a GEMV kernel); byte ``b`` holds elements ``4b + j`` for ``j = 0..3`` in bits ``2j..2j+1``; each element is
 stored as ``value + 1`` (so -1, 0, +1 -> 0, 1, 2, the convention of llama.cpp's TQ2_0). The last dimension is
 padded with zeros (stored as 1) up to a multiple of 4; callers keep the true length. Code 3 never occurs in a
@@ -77,7 +77,7 @@ TRITS_PER_BASE3_BYTE = 5
 _POWERS = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
 # byte value -> its five base-3 digits minus one; values 243..255 never occur in a valid buffer
 _BASE3_TABLE = ((torch.arange(256, dtype=torch.int32).unsqueeze(-1) // _POWERS) % 3 - 1).to(torch.int8)
-LAYOUTS = ("2bit", "base3")
+PACKINGS = ("2bit", "base3")
 
 
 def packed_length_base3(length: int) -> int:
@@ -97,28 +97,28 @@ def unpack_base3(packed: torch.Tensor, length: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], -1)[..., :length]
 
 
-def pack(codes: torch.Tensor, layout: str = "2bit") -> torch.Tensor:
-    """Pack with the named layout (``2bit`` or ``base3``)."""
-    return {"2bit": pack_trits, "base3": pack_base3}[_layout(layout)](codes)
+def pack(codes: torch.Tensor, packing: str = "2bit") -> torch.Tensor:
+    """Pack with the named packing (``2bit`` or ``base3``)."""
+    return {"2bit": pack_trits, "base3": pack_base3}[_packing(packing)](codes)
 
 
-def unpack(packed: torch.Tensor, length: int, layout: str = "2bit") -> torch.Tensor:
-    return {"2bit": unpack_trits, "base3": unpack_base3}[_layout(layout)](packed, length)
+def unpack(packed: torch.Tensor, length: int, packing: str = "2bit") -> torch.Tensor:
+    return {"2bit": unpack_trits, "base3": unpack_base3}[_packing(packing)](packed, length)
 
 
-def packed_bytes(length: int, layout: str = "2bit") -> int:
-    return {"2bit": packed_length, "base3": packed_length_base3}[_layout(layout)](length)
+def packed_bytes(length: int, packing: str = "2bit") -> int:
+    return {"2bit": packed_length, "base3": packed_length_base3}[_packing(packing)](length)
 
 
-def _layout(layout: str) -> str:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown packing layout {layout!r}; expected one of {LAYOUTS}")
-    return layout
+def _packing(packing: str) -> str:
+    if packing not in PACKINGS:
+        raise ValueError(f"unknown packing {packing!r}; expected one of {PACKINGS}")
+    return packing
 
 
-def check_packed(packed: torch.Tensor, length: int, name: str = "packed", layout: str = "2bit") -> None:
+def check_packed(packed: torch.Tensor, length: int, name: str = "packed", packing: str = "2bit") -> None:
     """Raise if a buffer holds values no valid packing produces (signs of corruption)."""
-    if _layout(layout) == "base3":
+    if _packing(packing) == "base3":
         if bool((packed > 242).any()):
             raise ValueError(f"{name}: byte value above 242 in a base-3 buffer; the buffer is corrupted")
         padding = unpack_base3(packed, packed.shape[-1] * TRITS_PER_BASE3_BYTE)[..., length:]

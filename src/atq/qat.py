@@ -84,29 +84,22 @@ def prepare_qat(
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedTernaryLinear)}
     layers = packed or select_linear_layers(model, config)
     for name, module in layers.items():
-        weight = module.dequantize(torch.float32) if name in packed else linear_weight(module).detach()
-        layer = TernaryLinear(weight, getattr(module, "bias", None), config, learned_scales, dead_zone_bias)
-        if learned_scales and name in packed:
-            layer = _with_artifact_scales(layer, module)
-        set_module(model, name, layer.to(weight.device))
+        if name in packed:
+            layer = TernaryLinear(module.ternary(), module.bias, config, rounding="lsq" if learned_scales else "rule",
+                                  dead_zone_bias=dead_zone_bias)
+        else:
+            layer = TernaryLinear.from_weight(linear_weight(module).detach(), getattr(module, "bias", None), config,
+                                              learned_scales, dead_zone_bias)
+        set_module(model, name, layer.to(module.packed.device if name in packed else module.weight.device))
     model.atq_config = config
     return list(layers)
 
 
-def _with_artifact_scales(layer: TernaryLinear, packed: PackedTernaryLinear) -> TernaryLinear:
-    """Start learned scales at a PTQ layer's own (one-plane) scales and group size."""
-    if packed.planes != 1:
-        raise ValueError("learned scales start from one-plane artifacts only")
-    layer.group_size = packed.group_size
-    layer.scales = nn.Parameter(packed.scales.float().clone())
-    return layer
-
-
 def to_packed(model: nn.Module) -> list[dict[str, Any]]:
-    """Freeze a QAT model for inference: every TernaryLinear becomes a PackedTernaryLinear."""
+    """Freeze a QAT model for inference: every TernaryLinear becomes its PackedTernaryLinear (``freeze``)."""
     names = [name for name, module in model.named_modules() if isinstance(module, TernaryLinear)]
     for name in names:
-        set_module(model, name, model.get_submodule(name).to_packed())
+        set_module(model, name, model.get_submodule(name).freeze())
     model.atq_report = [{"name": n, "precision": "ternary"} for n in names]
     return model.atq_report
 

@@ -22,6 +22,14 @@ def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
 
 def ternarize(weight: torch.Tensor, config: QuantConfig, name: str = "weight") -> TernaryTensor:
     """Fit codes in {-1, 0, 1} and one scale per group of ``weight`` (out, in) as ``config`` says."""
+    return fit_ternary(weight, config, name)[0]
+
+
+def fit_ternary(
+    weight: torch.Tensor, config: QuantConfig, name: str = "weight"
+) -> tuple[TernaryTensor, torch.Tensor | None]:
+    """``ternarize``, also returning the per-group thresholds that produced the codes (None for trit-planes,
+    whose thresholds are implicit): reports show them, nothing else needs them."""
     if weight.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
     check_finite(weight, name)
@@ -42,7 +50,7 @@ def ternarize(weight: torch.Tensor, config: QuantConfig, name: str = "weight") -
         fitted = [fit_planes(block, planes=config.planes) for block in blocks]  # thresholds are implicit
         codes = torch.cat([c.reshape(config.planes, out_features, -1) for c, _ in fitted], dim=-1)
         scales = torch.cat([a for _, a in fitted], dim=-1)
-        return TernaryTensor(codes=codes, scales=scales, group_size=group_size)
+        return TernaryTensor(codes=codes, scales=scales, group_size=group_size), None
 
     keeps, scales, thresholds = [], [], []
     for block in blocks:
@@ -54,12 +62,7 @@ def ternarize(weight: torch.Tensor, config: QuantConfig, name: str = "weight") -
 
     keep = torch.cat([k.reshape(out_features, -1) for k in keeps], dim=1)
     codes = (torch.sign(w) * keep).to(torch.int8)
-    return TernaryTensor(
-        codes=codes,
-        scales=torch.cat(scales, dim=1),
-        group_size=group_size,
-        thresholds=torch.cat(thresholds, dim=1),
-    )
+    return TernaryTensor(codes=codes, scales=torch.cat(scales, dim=1), group_size=group_size), torch.cat(thresholds, 1)
 
 
 def fit_threshold(block: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:

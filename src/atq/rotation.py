@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from .config import ROTATIONS
+from .surgery import LLAMA_LINEARS, decoder_blocks
 
 _NORM_SUFFIX = "RMSNorm"
-_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                "mlp.up_proj", "mlp.down_proj")
+_PROJECTIONS = tuple(LLAMA_LINEARS)
 
 
 def _sylvester(n: int) -> torch.Tensor:
@@ -78,7 +78,10 @@ def random_rotation(n: int, kind: str, seed: int) -> torch.Tensor:
 def _llama_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module]:
     """(base model, decoder layers, head) of a Llama-style model, or a ValueError naming what is missing."""
     base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
+    try:
+        layers = decoder_blocks(model)[1]
+    except ValueError:
+        layers = None
     head = getattr(model, "lm_head", None)
     required = ("input_layernorm", "post_attention_layernorm", *_PROJECTIONS)
     problem = None

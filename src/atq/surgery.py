@@ -13,6 +13,14 @@ from torch import nn
 
 from .config import QuantConfig
 
+# The linear layers of a Llama-family decoder block: HF attribute path -> llama.cpp tensor name. Rotation walks
+# them, the GGUF export names them; one table so the two cannot disagree.
+LLAMA_LINEARS = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
 
 def _conv1d_class() -> type | None:
     try:
@@ -80,16 +88,20 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
-    """The model's decoder blocks: the longest ``nn.ModuleList`` whose every child holds a linear layer.
+    """The model's decoder blocks: the longest ``nn.ModuleList`` whose every child holds a linear layer (FP or
+    ternary).
 
     Found by structure, not by family (``model.layers`` in Llama, ``transformer.h`` in GPT-2), so sequential
     calibration works on any decoder stack.
     """
+    from .layers import PackedTernaryLinear, TernaryLinear
+
+    def holds_linear(block: nn.Module) -> bool:  # FP, packed or trainable ternary: the finder works at every stage
+        return any(is_linear(m) or isinstance(m, (PackedTernaryLinear, TernaryLinear)) for m in block.modules())
+
     best: tuple[str, list[nn.Module]] | None = None
     for name, module in model.named_modules():
-        is_stack = isinstance(module, nn.ModuleList) and len(module) > 0 and all(
-            any(is_linear(m) for m in child.modules()) for child in module
-        )
+        is_stack = isinstance(module, nn.ModuleList) and len(module) > 0 and all(holds_linear(c) for c in module)
         if is_stack and (best is None or len(module) > len(best[1])):
             best = (name, list(module))
     if best is None:

@@ -27,17 +27,14 @@ from torch import nn
 
 from ..files import atomic_file
 from ..layers import PackedTernaryLinear
+from ..surgery import LLAMA_LINEARS
+from ..ternary import PackedTernary
 
 TERNARY_TYPES = ("tq2_0", "tq1_0", "f16")  # f16: a same-weights reference file without TQ types
 FALLBACKS = ("q8_0", "f16")
 _BLOCK = 256
 
-_BLOCK_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
+_BLOCK_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"} | LLAMA_LINEARS
 
 
 class ExportError(ValueError):
@@ -64,10 +61,10 @@ def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
         weight.shape)
 
 
-def ternary_exact(layer: PackedTernaryLinear) -> bool:
-    """Whether TQ blocks of 256 can hold this layer exactly: one plane, rows of whole blocks, one scale a block."""
-    one_scale_per_block = layer.group_size >= layer.in_features or layer.group_size % _BLOCK == 0
-    return layer.planes == 1 and layer.in_features % _BLOCK == 0 and one_scale_per_block
+def ternary_exact(weight: PackedTernary) -> bool:
+    """Whether TQ blocks of 256 can hold this weight exactly: one plane, rows of whole blocks, one scale a block."""
+    one_scale_per_block = weight.group_size >= weight.in_features or weight.group_size % _BLOCK == 0
+    return weight.planes == 1 and weight.in_features % _BLOCK == 0 and one_scale_per_block
 
 
 def export_gguf(
@@ -96,51 +93,11 @@ def export_gguf(
     qtype = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0,
              "f16": gguf.GGMLQuantizationType.F16}[ternary_type]
     ftype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16}[fallback]
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-
-    tensors: list[tuple[str, np.ndarray, Any]] = []
     report: dict[str, Any] = {"tensors": {}, "fallback": [], "ternary_type": ternary_type}
-    ternary_weights = ternary_bytes = 0
-    modules = dict(model.named_modules())
-
-    def llama_cpp_rows(name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name.endswith("q_proj"):
-            return permute_rows(weight, heads)
-        return permute_rows(weight, kv_heads) if name.endswith("k_proj") else weight
-
-    for name, module in modules.items():
-        if not isinstance(module, PackedTernaryLinear):
-            continue
-        if module.bias is not None and module.bias.abs().max() > 0:
-            raise ExportError(f"{name} has a bias (dead-zone bias or a biased layer): llama.cpp's Llama has none")
-        weight = llama_cpp_rows(name, module.dequantize(torch.float32))
-        exact = ternary_exact(module) or ternary_type == "f16"
-        kind = qtype if exact else ftype
-        if kind == gguf.GGMLQuantizationType.Q8_0 and module.in_features % 32:  # Q8_0 blocks are 32 wide
-            kind = gguf.GGMLQuantizationType.F16
-        if not exact:
-            report["fallback"].append(name)
-        data = weight.numpy()
-        stored = gguf.quants.quantize(data, kind) if kind != gguf.GGMLQuantizationType.F16 else data.astype(np.float16)
-        tensors.append((gguf_name(name) + ".weight", stored, kind))
-        report["tensors"][name] = kind.name
-        ternary_weights += data.size
-        ternary_bytes += stored.nbytes
-    tied = model.get_output_embeddings() is not None and (
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight)
-    for name, param in model.named_parameters():
-        base = name.removesuffix(".weight")
-        if isinstance(modules.get(base), PackedTernaryLinear) or (tied and base == "lm_head"):
-            continue
-        if not name.endswith(".weight"):
-            raise ExportError(f"GGUF export: unexpected parameter {name!r}")
-        data = llama_cpp_rows(base, param.detach().float()).numpy()  # q/k of a layer kept FP move too
-        kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else gguf.GGMLQuantizationType.F16
-        tensors.append((gguf_name(base) + ".weight", data.astype(np.float32 if data.ndim == 1 else np.float16), kind))
-        report["tensors"][base] = kind.name
+    tensors, ternary_weights, ternary_bytes = _ternary_tensors(model, qtype, ftype, ternary_type == "f16", report)
+    tensors += _fp_tensors(model, report)
     if not report["tensors"]:
         raise ExportError("GGUF export: the model has no tensors")
-
     out = Path(out)
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
@@ -161,6 +118,62 @@ def export_gguf(
     report |= {"path": str(out), "bytes": out.stat().st_size, "ternary_weights": ternary_weights,
                "bits_per_ternary_weight": 8 * ternary_bytes / ternary_weights if ternary_weights else 0.0}
     return report
+
+
+def _llama_cpp_rows(model: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """q/k rows in llama.cpp's rotary order (its converter's permute); other tensors as they are."""
+    config = model.config
+    if name.endswith("q_proj"):
+        return permute_rows(weight, config.num_attention_heads)
+    return permute_rows(weight, config.num_key_value_heads) if name.endswith("k_proj") else weight
+
+
+def _ternary_tensors(model: nn.Module, qtype: Any, ftype: Any, all_exact: bool,
+                     report: dict[str, Any]) -> tuple[list[tuple[str, np.ndarray, Any]], int, int]:
+    """Every ternary layer as (gguf name, data, type): ``qtype`` where its blocks hold it exactly (or
+    ``all_exact``), else ``ftype``; records types and fallbacks in ``report``. Returns (tensors, weights, bytes)."""
+    import gguf
+
+    tensors, ternary_weights, ternary_bytes = [], 0, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, PackedTernaryLinear):
+            continue
+        if module.bias is not None and module.bias.abs().max() > 0:
+            raise ExportError(f"{name} has a bias (dead-zone bias or a biased layer): llama.cpp's Llama has none")
+        data = _llama_cpp_rows(model, name, module.weight.dequantize(torch.float32)).numpy()
+        exact = all_exact or ternary_exact(module.weight)
+        kind = qtype if exact else ftype
+        if kind == gguf.GGMLQuantizationType.Q8_0 and module.in_features % 32:  # Q8_0 blocks are 32 wide
+            kind = gguf.GGMLQuantizationType.F16
+        if not exact:
+            report["fallback"].append(name)
+        stored = gguf.quants.quantize(data, kind) if kind != gguf.GGMLQuantizationType.F16 else data.astype(np.float16)
+        tensors.append((gguf_name(name) + ".weight", stored, kind))
+        report["tensors"][name] = kind.name
+        ternary_weights += data.size
+        ternary_bytes += stored.nbytes
+    return tensors, ternary_weights, ternary_bytes
+
+
+def _fp_tensors(model: nn.Module, report: dict[str, Any]) -> list[tuple[str, np.ndarray, Any]]:
+    """Every FP parameter: vectors (norms) as F32, matrices as F16; a tied head is written once."""
+    import gguf
+
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    tensors = []
+    for name, param in model.named_parameters():
+        base = name.removesuffix(".weight")
+        if isinstance(modules.get(base), PackedTernaryLinear) or (tied and base == "lm_head"):
+            continue
+        if not name.endswith(".weight"):
+            raise ExportError(f"GGUF export: unexpected parameter {name!r}")
+        data = _llama_cpp_rows(model, base, param.detach().float()).numpy()  # q/k of a layer kept FP move too
+        kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else gguf.GGMLQuantizationType.F16
+        tensors.append((gguf_name(base) + ".weight", data.astype(np.float32 if data.ndim == 1 else np.float16), kind))
+        report["tensors"][base] = kind.name
+    return tensors
 
 
 def _copy_metadata(writer, source: str | os.PathLike) -> None:

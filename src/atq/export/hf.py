@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..files import atomic_directory
@@ -25,11 +24,11 @@ from .gguf import ExportError
 
 def bitnet_blockers(layer: PackedTernaryLinear) -> list[str]:
     """Why ``layer`` cannot be a transformers BitLinear exactly (empty when it can)."""
-    reasons = []
-    if layer.planes != 1:
-        reasons.append(f"{layer.planes} trit-planes (BitLinear holds one)")
-    if layer.scales.shape[-2] != 1 or layer.scales.shape[-1] != 1:
-        reasons.append(f"{layer.scales.shape[-2]}x{layer.scales.shape[-1]} scales (BitLinear holds one per tensor)")
+    reasons, weight = [], layer.weight
+    if weight.planes != 1:
+        reasons.append(f"{weight.planes} trit-planes (BitLinear holds one)")
+    if weight.scales.shape[-2] != 1 or weight.scales.shape[-1] != 1:
+        reasons.append(f"{weight.scales.shape[-2]}x{weight.scales.shape[-1]} scales (BitLinear holds one per tensor)")
     if layer.out_features % 4:
         reasons.append(f"{layer.out_features} rows (BitLinear packs 4 rows a byte)")
     if layer.activations != "int8":
@@ -60,12 +59,12 @@ def export_hf(model: nn.Module, out: str | os.PathLike, dequantize: bool = False
     for name, layer in layers.items():
         for key in ("packed", "scales"):
             state.pop(f"{name}.{key}")
+        tensor = layer.weight.ternary()
         if dequantize:
-            state[f"{name}.weight"] = layer.dequantize(dtype)
+            state[f"{name}.weight"] = tensor.dequantize(dtype)
         else:
-            codes = layer.ternary().codes.to(torch.int8).clone()
-            state[f"{name}.weight"] = pack_weights(codes)
-            state[f"{name}.weight_scale"] = (1 / layer.scales.float().reshape(1)).to(dtype)
+            state[f"{name}.weight"] = pack_weights(tensor.codes.clone())
+            state[f"{name}.weight_scale"] = (1 / tensor.scales.reshape(1)).to(dtype)
         if layer.bias is None:
             state.pop(f"{name}.bias", None)
     if not dequantize:

@@ -1,4 +1,5 @@
-"""The verbs: ``quantize`` (in place, one config, torchao-style) and the seed's one-call ``quantize_model``."""
+"""Post-training quantization, the verbs: ``quantize`` (in place, one config, torchao-style) and the seed's
+one-call ``quantize_model``."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .layers import PackedTernaryLinear
-from .quantizers import ternarize
+from .quantizers import fit_ternary
 from .rotation import check_rotatable, rotate_model
 from .stats import model_stats
 from .surgery import all_linear_names, linear_weight, select_linear_layers, set_module
+from .ternary import PackedTernary
 
 log = logging.getLogger(__name__)
 
@@ -52,37 +54,15 @@ def quantize(
     if config.rotation != "none":
         rotate_model(model, config.rotation)  # the same function; the weights to ternarise change
         weights = {name: linear_weight(module).detach() for name, module in layers.items()}
-    scores: dict[str, float] = {}
-    if config.fp_fraction > 0:
-        from .sensitivity import keep_in_fp, sensitivity
-
-        if windows is None:
-            raise ValueError("mixed precision (fp_fraction > 0) scores layers on calibration data: give calibration")
-        scores = sensitivity(model, layers, config, windows[: min(len(windows), 16)], config.sensitivity, quiet)
-        kept = keep_in_fp(scores, config.fp_fraction)
-        layers = {name: module for name, module in layers.items() if name not in kept}
-        if not layers:
-            raise ValueError(f"fp_fraction={config.fp_fraction} keeps every selected layer in floating point")
-
+    layers, scores = _keep_sensitive_fp(model, layers, config, windows, quiet)
     if windows is not None:
         from .calibration import calibrated_quantize
 
         extras = calibrated_quantize(model, layers, config, windows, quiet=quiet)
-        tensors = {name: model.get_submodule(name) for name in layers}
     else:
-        extras, tensors = {}, {}
-        for name in tqdm(layers, desc="ternarise", disable=quiet, unit="layer"):
-            module = layers[name]
-            tensor = ternarize(weights[name], config, name=f"{name}.weight")
-            packed = PackedTernaryLinear.from_ternary(tensor, getattr(module, "bias", None), config.packing,
-                                                    config.activations)
-            set_module(model, name, packed.to(weights[name].device))
-            tensors[name] = packed
-            if tensor.thresholds is not None:
-                extras[name] = {"threshold_mean": float(tensor.thresholds.mean())}
-    report = [_report_row(name, weights[name], tensors[name]) | extras.get(name, {}) for name in layers]
-    ternary_names = set(layers)
-    report += [{"name": n, "precision": "fp"} for n in all_linear_names(model) if n not in ternary_names]
+        extras = _ternarize_layers(model, layers, weights, config, quiet)
+    report = [_report_row(name, weights[name], model.get_submodule(name)) | extras.get(name, {}) for name in layers]
+    report += [{"name": n, "precision": "fp"} for n in all_linear_names(model) if n not in layers]
     for row in report:
         if row["name"] in scores:
             row["sensitivity"] = scores[row["name"]]
@@ -90,6 +70,38 @@ def quantize(
     model.atq_report = report
     log.info("ternarised %d linear layers", len(layers))
     return report
+
+
+def _keep_sensitive_fp(model: nn.Module, layers: dict[str, nn.Module], config: QuantConfig,
+                       windows: torch.Tensor | None, quiet: bool) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """Mixed precision: drop the most sensitive layers from ``layers`` (they stay FP); returns (the layers left
+    to ternarise, every layer's sensitivity score)."""
+    if config.fp_fraction <= 0:
+        return layers, {}
+    from .sensitivity import keep_in_fp, sensitivity
+
+    if windows is None:
+        raise ValueError("mixed precision (fp_fraction > 0) scores layers on calibration data: give calibration")
+    scores = sensitivity(model, layers, config, windows[: min(len(windows), 16)], config.sensitivity, quiet)
+    kept = keep_in_fp(scores, config.fp_fraction)
+    layers = {name: module for name, module in layers.items() if name not in kept}
+    if not layers:
+        raise ValueError(f"fp_fraction={config.fp_fraction} keeps every selected layer in floating point")
+    return layers, scores
+
+
+def _ternarize_layers(model: nn.Module, layers: dict[str, nn.Module], weights: dict[str, torch.Tensor],
+                      config: QuantConfig, quiet: bool) -> dict[str, dict[str, Any]]:
+    """Data-free: each weight ternarised on its own and replaced by its packed layer; returns report extras."""
+    extras = {}
+    for name in tqdm(layers, desc="ternarise", disable=quiet, unit="layer"):
+        tensor, thresholds = fit_ternary(weights[name], config, name=f"{name}.weight")
+        packed = PackedTernaryLinear(PackedTernary.pack(tensor, config.packing), getattr(layers[name], "bias", None),
+                                     config.activations)
+        set_module(model, name, packed.to(weights[name].device))
+        if thresholds is not None:
+            extras[name] = {"threshold_mean": float(thresholds.mean())}
+    return extras
 
 
 def _report_row(name: str, weight: torch.Tensor, packed: PackedTernaryLinear) -> dict[str, Any]:
