@@ -5,7 +5,7 @@
 Random token windows (512 tokens), teacher in bf16, student latent weights fp32 under bf16 autocast, 12 steps
 per eager setting (median of steps 4-12), 25 per compiled one (median of steps 12-25; the first step's time,
 which holds the compile, is reported separately): learned vs recomputed scales, micro-batch 32 vs 64 windows,
-eager vs ``torch.compile`` of each decoder block ("blocks") or of the whole model ("model", minutes to
+eager vs ``torch.compile`` of each decoder block ("blocks") or of the whole model ("model", much slower to
 compile). Then a profiler table of two steps of ``--profile``'s setting.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from atq import QuantConfig, load_model
 from atq.files import write_json
-from atq.qat import TrainConfig, _compiled, _step_loss, prepare_qat, train
+from atq.qat import TrainConfig, compiled, prepare_qat, step_loss, train
 from atq.stats import markdown_table
 
 # name -> (prepare_qat options, micro-batch windows, TrainConfig.compile)
@@ -58,17 +58,17 @@ def main() -> int:
     data = torch.randint(0, fp.config.vocab_size, (512, 512), generator=torch.Generator().manual_seed(0))
     rows = []
     for label in names:
-        options, batch, compiled = SETTINGS[label]
+        options, batch, mode = SETTINGS[label]
         student = copy.deepcopy(fp)
         prepare_qat(student, QuantConfig(), **options)
         start = time.perf_counter()
-        steps = 12 if compiled == "off" else 25
+        steps = 12 if mode == "off" else 25
         torch.cuda.reset_peak_memory_stats()
-        row = {"setting": label, "batch_windows": batch, "seq_len": 512, "compile": compiled}
+        row = {"setting": label, "batch_windows": batch, "seq_len": 512, "compile": mode}
         try:
-            history = train(student, data, TrainConfig(steps=steps, batch_size=batch, compile=compiled),
+            history = train(student, data, TrainConfig(steps=steps, batch_size=batch, compile=mode),
                             teacher=teacher, quiet=True)
-            row |= {"tokens_per_s": median_rate(history[3 if compiled == "off" else 11 :]),
+            row |= {"tokens_per_s": median_rate(history[3 if mode == "off" else 11 :]),
                     "first_step_s": history[0]["seconds"]}
         except torch.cuda.OutOfMemoryError:
             row |= {"tokens_per_s": None, "first_step_s": None, "error": "out of GPU memory"}
@@ -76,20 +76,20 @@ def main() -> int:
         print(rows[-1], file=sys.stderr, flush=True)
         del student
         torch.cuda.empty_cache()
-    options, batch_windows, compiled = SETTINGS[args.profile]
+    options, batch_windows, mode = SETTINGS[args.profile]
     student = copy.deepcopy(fp)
     prepare_qat(student, QuantConfig(), **options)
     student.train()
     batch = data[:batch_windows].cuda()
-    config = TrainConfig(steps=1, compile=compiled)
+    config = TrainConfig(steps=1, compile=mode)
     from torch.profiler import ProfilerActivity, profile
 
-    with _compiled(student, compiled) as forward, _compiled(teacher, compiled) as teacher_forward:
+    with compiled(student, mode) as forward, compiled(teacher, mode) as teacher_forward:
         for _ in range(3):
-            _step_loss(forward, teacher_forward, batch, config).backward()
+            step_loss(forward, teacher_forward, batch, config).backward()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
-                _step_loss(forward, teacher_forward, batch, config).backward()
+                step_loss(forward, teacher_forward, batch, config).backward()
             torch.cuda.synchronize()
     averages = prof.key_averages()
     cpu_ms = sum(e.self_cpu_time_total for e in averages) / 1e3

@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from atq import PackedTernaryLinear, QuantConfig, TernaryLinear, load_quantized, save_quantized
+from atq import PackedTernaryLinear, QuantConfig, TernaryLinear, checkpoint, load_quantized, save_quantized
 from atq.qat import (
     TrainConfig,
     batch_indices,
     distillation_loss,
     learning_rate,
     prepare_qat,
+    step_loss,
     to_packed,
     train,
 )
@@ -52,7 +53,7 @@ def test_distillation_training_lowers_the_loss_and_packs():
     assert all(isinstance(student.get_submodule(n), PackedTernaryLinear) for n in names)
 
 
-def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
+def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path, monkeypatch):
     config = TrainConfig(steps=6, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=2, checkpoint_every=3)
     data, teacher = windows(), make_llama(seed=1)
     straight = make_llama()
@@ -61,7 +62,7 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
 
     first = make_llama()
     prepare_qat(first, QuantConfig())
-    partial = _train_until(first, data, config, teacher, tmp_path / "ck", stop_after=3)
+    partial = _train_until(first, data, config, teacher, tmp_path / "ck", stop_after=3, monkeypatch=monkeypatch)
     resumed = make_llama(seed=3)  # different init: everything must come from the checkpoint
     prepare_qat(resumed, QuantConfig())
     rest = train(resumed, data, config, teacher=teacher, checkpoint_dir=tmp_path / "ck", quiet=True)
@@ -69,11 +70,9 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
     assert [h["loss"] for h in rest] == [h["loss"] for h in full]
 
 
-def _train_until(model, data, config, teacher, directory, stop_after):
+def _train_until(model, data, config, teacher, directory, stop_after, monkeypatch):
     """Run ``train`` and kill it (an exception) right after the checkpoint at ``stop_after`` steps."""
-    from atq import io
-
-    real = io.save_checkpoint
+    real = checkpoint.save_checkpoint
     seen = {}
 
     def save_then_die(directory, model, optimizer, state):
@@ -82,12 +81,10 @@ def _train_until(model, data, config, teacher, directory, stop_after):
             seen["history"] = list(state["history"])
             raise KeyboardInterrupt
 
-    io.save_checkpoint = save_then_die
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_checkpoint", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             train(model, data, config, teacher=teacher, checkpoint_dir=directory, quiet=True)
-    finally:
-        io.save_checkpoint = real
     return seen["history"]
 
 
@@ -155,20 +152,16 @@ def test_time_budget_stops_with_a_checkpoint_that_resumes_the_same_run(tmp_path)
 
 
 def test_hidden_state_distillation_adds_a_term():
-    from atq.qat import _step_loss
-
     student, teacher = make_llama(), make_llama(seed=1)
     batch = windows(2, 16)
-    logits_only = _step_loss(student, teacher, batch, TrainConfig(steps=1))
-    with_hidden = _step_loss(student, teacher, batch, TrainConfig(steps=1, hidden_weight=1.0))
+    logits_only = step_loss(student, teacher, batch, TrainConfig(steps=1))
+    with_hidden = step_loss(student, teacher, batch, TrainConfig(steps=1, hidden_weight=1.0))
     assert float(with_hidden) > float(logits_only) > 0
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
     """A NaN loss (here: a NaN put into a norm gain after the checkpoint at step 2) raises, naming the step and
     the learning rate, and the checkpoint on disk still holds the finite step-2 state."""
-    from atq.io import load_checkpoint
-
     student, config = make_llama(), TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_every=2)
     prepare_qat(student, QuantConfig())
 
@@ -182,7 +175,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_p
     fresh = make_llama(seed=3)
     prepare_qat(fresh, QuantConfig())
     optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad])
-    state = load_checkpoint(tmp_path / "ck", fresh, optimizer)
+    state = checkpoint.load_checkpoint(tmp_path / "ck", fresh, optimizer)
     assert state["step"] == 2 and all(torch.isfinite(p).all() for p in fresh.parameters())
 
 

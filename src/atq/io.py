@@ -181,31 +181,3 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device | No
     model.atq_report = [{"name": n, **v} for n, v in meta["layers"].items()]
     model.atq_source = meta.get("source")
     return model.to(device or "cpu").eval()
-
-
-TRAIN_STATE = "train_state.pt"
-
-
-def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any]) -> Path:
-    """Atomic training checkpoint: model (latent weights), optimizer and ``state`` (step, log, config).
-
-    Tensors go through torch.save and are read back with ``weights_only=True`` (no arbitrary unpickling).
-    The same temp-dir-and-swap as artifacts: a run killed mid-write keeps its previous checkpoint.
-    """
-    directory = Path(directory)
-    with atomic_directory(directory) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
-                   tmp / TRAIN_STATE)
-    return directory
-
-
-def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    path = Path(directory) / TRAIN_STATE
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated or foreign files all mean one thing to the user
-        raise ArtifactError(f"{path}: unreadable training checkpoint ({error})") from error
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    return saved["state"]

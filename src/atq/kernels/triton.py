@@ -9,20 +9,20 @@ conversion is a quarter-rate instruction, and four per byte cost more than readi
 converts: it reads the codes as int32 words (16 trits each) and ORs a trit's two bits into the mantissa of a power
 of two *in place*, which is then an exact float (2^23 + c·4^t); one FMA rescales it to c - 1 exactly. ``F16X2``
 does the same two codes at a time in packed half precision through inline PTX (``lop3`` + ``fma.f16x2``, the trick
-of FasterTransformer's int4 dequantizers): 1.2-1.4x faster than the fp32 form on the H100. It needs a CUDA GPU and
-|x| < 65504 (activations go through fp16), so the fp32 form stays for the CPU interpreter and for fp32 inputs.
+of FasterTransformer's int4 dequantizers), faster than the fp32 form (results/kernels_h100.json times both). It
+needs a CUDA GPU and |x| < 65504 (activations go through fp16): the fp32 form stays for the CPU and fp32 inputs.
 
 - ``_gemv`` (up to GEMV_MAX_ROWS activation rows): one program per (BLOCK_N weight rows, GEMV_BLOCK_M activation
   rows), walking K in wide tiles of BLOCK_W words with the next tile's loads issued before the current tile is
   computed; each word is loaded once for all its activation rows. The activations' side of the PTX (``_x_pairs``)
   is computed once per (activation row, word) a thread holds and shared by its weight rows: two 16-byte loads and
-  ``prmt`` instead of 16 scattered 2-byte loads, which made the L1 the bottleneck (3.3-4.0x faster than cuBLAS
-  bf16 at batch 1 on the 4096-class shapes, 1.05-1.44x at batch 8; results/kernels_h100.json).
+  ``prmt`` instead of 16 scattered 2-byte loads, which would make the L1 the bottleneck (timings against cuBLAS:
+  results/kernels_h100.json).
 - ``_gemm``: out^T = W x^T in (BLOCK_N, BLOCK_M) tiles, so the weights are the MMA's wide side and small batches
   its narrow one. Weight tiles are decoded from words in packed halves of the activation dtype (``_DECODE_*``:
   code x scale, exact) and put in K order with ``join``s; up to SPLIT_K_MAX_ROWS rows, K is split so that enough
-  programs run, and ``_sum_splits`` adds the fp32 partial sums. At batch 64: 1.10-1.26x of cuBLAS bf16 on the
-  14336 shapes, 0.91x on 4096x4096, 0.70-0.81x on SmolLM2's (two launches against cuBLAS's one).
+  programs run, and ``_sum_splits`` adds the fp32 partial sums; on small shapes that second launch costs most
+  (timings against cuBLAS: results/kernels_h100.json).
 
 Both need K % 16 == 0 (a row is whole int32 words; every Llama and GPT-2 shape is), which ``supported`` checks;
 other shapes take the torch reference. Scales are looked up per word (every group is whole words): the GEMV sums a
@@ -321,8 +321,8 @@ def _weight_words(w_ptr, scales_ptr, rows_n, n_mask, k0, KW, stride_wn, stride_s
     """The weight words of the K tile starting at column ``k0`` and one scale per word (words past the row: 0).
 
     Groups that tile the K tile are loaded once each and broadcast to their words: a per-word gather (``q //
-    GROUP_W``) made Triton lay the decoded tile out row-major in shared memory, one 2-byte store per weight
-    (20.0 -> 16.8 µs at 4096x4096, batch 64, on the H100)."""
+    GROUP_W``) makes Triton lay the decoded tile out row-major in shared memory, one 2-byte store per weight,
+    which slows the GEMM (its timings: results/kernels_h100.json)."""
     q = k0 // 16 + tl.arange(0, BLOCK_K // 16)
     both = n_mask[:, None] & (q < KW)[None, :]
     words = tl.load(w_ptr + rows_n[:, None] * stride_wn + q[None, :], mask=both, other=0x55555555)
@@ -413,8 +413,8 @@ def _k_split(rows: int, out_features: int, in_features: int) -> int:
     """Columns per K slice for the GEMM (``in_features`` when it does not split).
 
     A split GEMM moves activations from L2 once per output-row block and partial sums once per split: for P programs
-    that is ~(P/S)·K·2 + S·N·8 bytes per activation row, smallest at S = sqrt(P·K / (4·N)) splits (measured on the
-    H100: 4096x14336 at batch 64 went from 92 to 47.5 µs, split 7 ways). Slices are whole multiples of 512 columns.
+    that is ~(P/S)·K·2 + S·N·8 bytes per activation row, smallest at S = sqrt(P·K / (4·N)) splits (timings of the
+    split shapes: results/kernels_h100.json). Slices are whole multiples of 512 columns.
     """
     if rows > SPLIT_K_MAX_ROWS:
         return in_features
