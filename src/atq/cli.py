@@ -156,10 +156,10 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from . import quantize
     from .data import load_text
     from .io import save_quantized
     from .models import load_model
-    from . import quantize
 
     config = _config_from_args(args)  # validate before any slow work
     for source in ([args.data] if args.eval else []) + [config.calibration]:

@@ -9,20 +9,17 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .surgery import decoder_blocks
+
 log = logging.getLogger(__name__)
 
 
-def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The members of the model's ModuleLists whose members are all of one class: its decoder blocks.
-
-    Not ``surgery.decoder_blocks``: that one asks for blocks holding ``nn.Linear``/``Conv1D`` layers, and a model
-    prepared for QAT holds TernaryLinear layers instead.
-    """
-    blocks = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
-            blocks.extend(module)
-    return blocks
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder blocks (surgery.decoder_blocks), or none: then the whole model is compiled."""
+    try:
+        return decoder_blocks(model)[1]
+    except ValueError:
+        return []
 
 
 @contextmanager
@@ -35,7 +32,7 @@ def compiled(model: nn.Module | None, mode: str) -> Iterator[nn.Module | None]:
         return
     import torch._inductor.config as inductor
 
-    blocks = _repeated_blocks(model) if mode == "blocks" else []
+    blocks = _blocks(model) if mode == "blocks" else []
     if mode == "blocks" and not blocks:
         log.info("%s has no repeated blocks: compiling the whole model", type(model).__name__)
     for block in blocks:
