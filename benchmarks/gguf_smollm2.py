@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atq import QuantConfig, load_model, quantize
+from atq import QuantConfig, load_model, smollm2
 from atq.data import load_text, token_windows
-from atq.evaluate import evaluate_windows
 from atq.export.gguf import export_gguf
 from atq.files import write_json
-from atq.models import smollm2
+from atq.stats import measure_recipe
 
 CONFIG = QuantConfig(granularity="row", calibration="wikitext2_valid", calibration_windows=64,
                      calibration_seq_len=512)
@@ -69,15 +68,14 @@ def main() -> int:
         print("gguf_smollm2: needs llama-cpp-python (pip install llama-cpp-python)", file=sys.stderr)
         return 2
 
-    model, tokenizer = load_model("smollm2")
+    fp_model, tokenizer = load_model("smollm2")
     windows = token_windows(tokenizer, load_text("wikitext2"), args.seq_len, args.windows)
-    start = time.perf_counter()
-    quantize(model, CONFIG, tokenizer=tokenizer, quiet=True)
-    quant_seconds = time.perf_counter() - start
-    with torch.no_grad():
-        ppl_atq = evaluate_windows(model, windows, quiet=True)["ppl"]
+    measured = measure_recipe(fp_model, CONFIG, windows, tokenizer=tokenizer, device="cpu", keep_model=True)
+    model, ppl_atq = measured["model"], measured["ppl"]
+    del fp_model
     result = {"model": "SmolLM2-135M-Instruct", "config": CONFIG.to_dict(), "windows": len(windows),
-              "seq_len": args.seq_len, "quant_seconds_cpu": quant_seconds, "ppl_atq": ppl_atq, "files": {}}
+              "seq_len": args.seq_len, "quant_seconds_cpu": measured["quant_seconds"], "ppl_atq": ppl_atq,
+              "files": {}}
     prompt = "The capital of France is"
     with tempfile.TemporaryDirectory() as tmp:
         for label, ternary_type in [("ternary", "tq2_0"), ("f16 reference", "f16")]:

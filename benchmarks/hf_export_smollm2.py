@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from atq import QuantConfig, load_model, quantize, save_quantized
+from atq import QuantConfig, load_model, save_quantized
 from atq.data import load_text, token_windows
-from atq.evaluate import evaluate_windows
 from atq.export.hf import export_hf
 from atq.files import write_json
-from atq.stats import directory_bytes
+from atq.stats import directory_bytes, measure_recipe
 
 PLAIN_TRANSFORMERS = """
 import json, sys, torch, torch.nn.functional as F
@@ -48,11 +47,11 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--out", default="results/hf_export_smollm2.json")
     args = parser.parse_args()
-    model, tokenizer = load_model("smollm2")
+    fp_model, tokenizer = load_model("smollm2")
     windows = token_windows(tokenizer, load_text("wikitext2"), args.seq_len, args.windows)
-    quantize(model, QuantConfig.bitnet(), quiet=True)
-    with torch.no_grad():
-        atq = evaluate_windows(model, windows, quiet=True)
+    atq = measure_recipe(fp_model, QuantConfig.bitnet(), windows, device="cpu", keep_model=True)
+    model = atq["model"]
+    del fp_model
     with tempfile.TemporaryDirectory() as tmp:
         save_quantized(model, Path(tmp) / "atq", tokenizer=tokenizer)
         report = export_hf(model, Path(tmp) / "hf", tokenizer=tokenizer)

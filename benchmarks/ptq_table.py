@@ -13,22 +13,16 @@ size of the saved artifact, and the time ``quantize`` took. Uses the GPU when on
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from atq import QuantConfig, load_model, quantize, save_quantized
+from atq import QuantConfig, load_model
 from atq.data import load_text, token_windows
-from atq.evaluate import evaluate_windows
 from atq.files import write_json
-from atq.io import unique_state_dict
-from atq.stats import directory_bytes, model_stats
+from atq.stats import fp_reference, markdown_table, measure_recipe
 
 METHODS: list[tuple[str, QuantConfig]] = [
     ("seed preset (tensor, 0.7 std)", QuantConfig.seed()),
@@ -77,10 +71,9 @@ METHODS += [
      CALIBRATED.replace(reconstruct_steps=96, rotation="hadamard", end_to_end_steps=128)),
 ]
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+# the keys of a quantized row, in the order results/ptq_smollm2.json has them
+ROW_KEYS = ("config", "ppl", "bits_per_weight", "artifact_bytes", "quant_seconds", "token_accuracy", "sparsity",
+            "bits_per_linear_weight")
 
 
 def main() -> int:
@@ -102,57 +95,47 @@ def main() -> int:
                              "takes longer than one 10-minute device call)")
     args = parser.parse_args()
 
-    overrides = dict(_assignment(text) for text in args.set)
-    try:
-        QuantConfig().replace(**overrides)
-    except (TypeError, ValueError) as error:
-        raise SystemExit(f"--set: {error}") from error
+    selected = selected_methods(args)  # before loading anything: a bad --set fails at once
     fp_model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
     windows = token_windows(tokenizer, load_text(args.data), args.seq_len, args.max_windows)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
 
-    fp_result = evaluate_windows(fp_model.to(args.device), windows, quiet=True)
-    fp_model.to("cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file(unique_state_dict(fp_model)[0], f"{tmp}/model.safetensors")
-        fp_bytes = directory_bytes(tmp)
+    fp = fp_reference(fp_model, windows, args.device)
     report = {"model": args.model if args.model != "smollm2" else "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
               "device": device_name, "seq_len": args.seq_len, "windows": int(windows.shape[0]),
-              "fp_ppl": fp_result["ppl"]}
+              "fp_ppl": fp["ppl"]}
     previous = json.loads(Path(args.out).read_text())["rows"] if args.merge and Path(args.out).exists() else []
-    rows = [{"method": "FP32", "config": {"dtype": "float32"}, "ppl": fp_result["ppl"], "bits_per_weight": 32.0,
-             "artifact_bytes": fp_bytes, "quant_seconds": 0.0, "token_accuracy": fp_result["token_accuracy"]}]
-    print(f"FP32: ppl {fp_result['ppl']:.3f}", file=sys.stderr)
+    rows = [{"method": "FP32", "config": {"dtype": "float32"}, "ppl": fp["ppl"], "bits_per_weight": 32.0,
+             "artifact_bytes": fp["artifact_bytes"], "quant_seconds": 0.0, "token_accuracy": fp["token_accuracy"]}]
+    print(f"FP32: ppl {fp['ppl']:.3f}", file=sys.stderr)
 
+    for method, config in selected:
+        measured = measure_recipe(fp_model, config, windows, tokenizer=tokenizer, device=args.device)
+        rows.append({"method": method, **{key: measured[key] for key in ROW_KEYS}})
+        print(f"{method}: ppl {measured['ppl']:.4g} ({measured['quant_seconds']:.1f} s)", file=sys.stderr)
+        write_json(args.out, report | {"rows": merged(rows, previous)})  # a run cut short keeps what it measured
+    print(table(report | {"rows": merged(rows, previous)}))
+    return 0
+
+
+def selected_methods(args: argparse.Namespace) -> list[tuple[str, QuantConfig]]:
+    """(name, config) of the methods to run: ``--only`` filters, ``--calibration-windows`` and ``--set``
+    override fields (a ``--set`` variant's name carries its overrides)."""
+    overrides = dict(_assignment(text) for text in args.set)
+    selected = []
     for method, config in METHODS:
         if args.only and not any(text in method for text in args.only):
             continue
-        if args.calibration_windows and config.calibration:
-            config = config.replace(calibration_windows=args.calibration_windows)
-        if overrides:
-            config = config.replace(**overrides)
-            method = f"{method} [{', '.join(args.set)}]"
-        model = copy.deepcopy(fp_model).to(args.device)
-        _sync(args.device)
-        start = time.perf_counter()
-        quantize(model, config, tokenizer=tokenizer, quiet=True)
-        _sync(args.device)
-        seconds = time.perf_counter() - start
-        result = evaluate_windows(model, windows, quiet=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            artifact_bytes = directory_bytes(save_quantized(model, Path(tmp) / "artifact"))
-        stats = model_stats(model)
-        rows.append({
-            "method": method, "config": config.to_dict(),
-            "ppl": result["ppl"], "bits_per_weight": stats["bits_per_weight"], "artifact_bytes": artifact_bytes,
-            "quant_seconds": seconds, "token_accuracy": result["token_accuracy"], "sparsity": stats["sparsity"],
-            "bits_per_linear_weight": stats["bits_per_linear_weight"],
-        })
-        print(f"{method}: ppl {result['ppl']:.4g} ({seconds:.1f} s)", file=sys.stderr)
-        del model
-        write_json(args.out, report | {"rows": merged(rows, previous)})  # a run cut short keeps what it measured
-    print(markdown_table(report | {"rows": merged(rows, previous)}))
-    return 0
+        try:
+            if args.calibration_windows and config.calibration:
+                config = config.replace(calibration_windows=args.calibration_windows)
+            if overrides:
+                config = config.replace(**overrides)
+                method = f"{method} [{', '.join(args.set)}]"
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"--set / --calibration-windows on {method!r}: {error}") from error
+        selected.append((method, config))
+    return selected
 
 
 def _assignment(text: str) -> tuple[str, object]:
@@ -173,20 +156,16 @@ def merged(rows: list[dict], previous: list[dict]) -> list[dict]:
     return known + [row for m, row in by_method.items() if m not in order]  # --set variants, after the table
 
 
-def markdown_table(report: dict) -> str:
-    lines = [
-        (f"SmolLM2-135M-Instruct, WikiText-2 test, {report['windows']} windows x {report['seq_len']} tokens, "
-         f"{report['device']}"),
-        "",
-        ("| method | perplexity | bits/weight (ternary layers, with scales) | bits/weight (all decoder linears) "
-         "| artifact MiB | quantize s |"),
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in report["rows"]:
-        linear_bits = row.get("bits_per_linear_weight", row["bits_per_weight"])
-        lines.append(f"| {row['method']} | {row['ppl']:,.2f} | {row['bits_per_weight']:.2f} | {linear_bits:.2f} | "
-                     f"{row['artifact_bytes'] / 2**20:.1f} | {row['quant_seconds']:.1f} |")
-    return "\n".join(lines)
+def table(report: dict) -> str:
+    """The markdown table of a report, under a line naming the data and the device."""
+    header = ["method", "perplexity", "bits/weight (ternary layers, with scales)",
+              "bits/weight (all decoder linears)", "artifact MiB", "quantize s"]
+    cells = [[row["method"], f"{row['ppl']:,.2f}", f"{row['bits_per_weight']:.2f}",
+              f"{row.get('bits_per_linear_weight', row['bits_per_weight']):.2f}",
+              f"{row['artifact_bytes'] / 2**20:.1f}", f"{row['quant_seconds']:.1f}"] for row in report["rows"]]
+    title = (f"SmolLM2-135M-Instruct, WikiText-2 test, {report['windows']} windows x {report['seq_len']} tokens, "
+             f"{report['device']}")
+    return f"{title}\n\n{markdown_table(header, cells)}"
 
 
 if __name__ == "__main__":

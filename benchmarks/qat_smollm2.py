@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from atq import QuantConfig, load_model, load_quantized, quantize, save_quantized
+from atq import QuantConfig, load_model, load_quantized, save_quantized
 from atq.config import COMPILE_MODES, ROTATIONS
 from atq.data import cached_generated_windows, load_text, token_windows
 from atq.evaluate import evaluate_windows
 from atq.files import write_json
 from atq.qat import TrainConfig, prepare_qat, to_packed, train
-from atq.stats import model_stats
+from atq.stats import measure_recipe, model_stats
 
 PTQ_INIT = QuantConfig(granularity="group", group_size=64, reconstruct_steps=64)
 # name -> (prepare_qat options, learning rate relative to --lr)
@@ -63,7 +63,7 @@ def main() -> int:
                         help="run only this variant's --compare-seconds probe (default: compare all, continue with the best)")
     parser.add_argument("--ptq-rotation", choices=ROTATIONS, default=PTQ_INIT.rotation,
                         help="rotation of the PTQ start (QuantConfig.rotation)")
-    parser.add_argument("--ptq-end-to-end-steps", type=int, default=PTQ_INIT.end_to_end_steps,
+    parser.add_argument("--ptq-end-to-end-steps", type=int, default=0,
                         help="end-to-end tuning steps of the PTQ start (on the generated windows)")
     parser.add_argument("--windows", type=int, default=8192, help="generated training windows")
     parser.add_argument("--mix-valid", type=int, default=0,
@@ -113,14 +113,13 @@ def main() -> int:
 
     init_dir = work / "ptq"
     if not meta:
-        model = copy.deepcopy(fp_model)
-        start = time.perf_counter()
-        quantize(model, ptq_init, calibration=data[:256], quiet=True)  # generated text, never WikiText
-        ptq_seconds = time.perf_counter() - start
-        save_quantized(model, init_dir, tokenizer=tokenizer)
-        meta = {"fp_ppl": ppl(fp_model, test), "ppl_start": ppl(model, test), "ptq_seconds": ptq_seconds,
-                "generate_seconds": generate_seconds, "ppl_start_curve": ppl(model, curve_test)}
-        del model
+        ptq = measure_recipe(fp_model, ptq_init, test, calibration=data[:256],  # generated text, never WikiText
+                             device=args.device, keep_model=True)
+        save_quantized(ptq["model"], init_dir, tokenizer=tokenizer)
+        ptq_seconds = ptq["quant_seconds"]
+        meta = {"fp_ppl": ppl(fp_model, test), "ppl_start": ptq["ppl"], "ptq_seconds": ptq_seconds,
+                "generate_seconds": generate_seconds, "ppl_start_curve": ppl(ptq["model"], curve_test)}
+        del ptq
         print(f"PTQ init: ppl {meta['ppl_start']:.2f} (FP {meta['fp_ppl']:.2f}), {ptq_seconds:.1f} s", file=sys.stderr)
         variants = {}
         for name, (_, factor) in VARIANTS.items():

@@ -14,22 +14,23 @@ sparsity per method, and perplexity vs bits per weight (the Pareto view).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from atq import QuantConfig, load_model, quantize
+from atq import QuantConfig, load_model
 from atq.data import load_text, token_windows
 from atq.evaluate import evaluate_windows
 from atq.files import write_json
 from atq.sensitivity import keep_in_fp, sensitivity
-from atq.stats import model_stats
+from atq.stats import markdown_table, measure_recipe
 from atq.surgery import select_linear_layers
+
+# the measured keys of a row, in the order results/ablation_smollm2.json has them
+MEASURED = ("ppl", "sparsity", "bits_per_weight", "bits_per_linear_weight", "quant_seconds", "config")
 
 
 def methods(calibration: str) -> dict[str, tuple[QuantConfig, bool]]:
@@ -45,7 +46,12 @@ def methods(calibration: str) -> dict[str, tuple[QuantConfig, bool]]:
 
 
 def fp_exclusions(model, config: QuantConfig, windows: torch.Tensor, fraction: float) -> tuple[str, ...]:
-    """Exact-name exclude patterns for the most sensitive ``fraction`` of layers (scored on ``windows``)."""
+    """Exact-name exclude patterns for the most sensitive ``fraction`` of layers (scored on ``windows``).
+
+    Not ``QuantConfig(fp_fraction=...)``: the grid keeps one FP set per (method, fraction), scored with the
+    method's base config on ``--score-windows`` windows, and applies it to data-free methods too; the library's
+    mixed precision scores each run's own config on up to 16 calibration windows and always calibrates.
+    """
     if fraction == 0:
         return ()
     layers = select_linear_layers(model, config)
@@ -79,24 +85,16 @@ def run(args: argparse.Namespace) -> dict:
         base = configs[name][0]
         if (name, fraction) not in exclusions:
             exclusions[name, fraction] = fp_exclusions(fp_model, base, calib_windows[: args.score_windows], fraction)
-        config = base.replace(exclude=exclusions[name, fraction], calibration_windows=len(calib_windows),
-                              calibration_seq_len=args.seq_len)
+        config = base.replace(exclude=exclusions[name, fraction])
+        if config.calibration:
+            config = config.replace(calibration_windows=len(calib_windows), calibration_seq_len=args.seq_len)
         if target is not None:
             config = config.replace(sparsity=target)
-        model = copy.deepcopy(fp_model)
-        start = time.perf_counter()
-        quantize(model, config, calibration=calib_windows if config.calibration else None, quiet=True)
-        seconds = time.perf_counter() - start
-        stats = model_stats(model)
-        rows.append({
-            "method": name, "sparsity_target": target, "fp_fraction": fraction,
-            "ppl": evaluate_windows(model, eval_windows, quiet=True)["ppl"],
-            "sparsity": stats["sparsity"], "bits_per_weight": stats["bits_per_weight"],
-            "bits_per_linear_weight": stats["bits_per_linear_weight"], "quant_seconds": seconds,
-            "config": config.to_dict(),
-        })
+        measured = measure_recipe(fp_model, config, eval_windows, device=args.device,
+                                  calibration=calib_windows if config.calibration else None)
+        rows.append({"method": name, "sparsity_target": target, "fp_fraction": fraction,
+                     **{key: measured[key] for key in MEASURED}})
         print(f"{name:28s} fp {fraction:.1f} sparsity {target} -> ppl {rows[-1]['ppl']:.4g}", file=sys.stderr)
-        del model
         write_json(args.out, report)  # after every row: a run cut short keeps what it measured
     return report
 
@@ -142,19 +140,18 @@ def plot(report: dict, out: Path) -> list[Path]:
     return paths
 
 
-def markdown_table(report: dict) -> str:
+def table(report: dict) -> str:
     """Perplexity per (method, FP fraction) row and sparsity-target column, with bits per decoder weight."""
     rows = report["rows"]
     targets = sorted({r["sparsity_target"] for r in rows if r["sparsity_target"] is not None})
-    lines = ["| method | FP layers | bits/weight (decoder) | " + " | ".join(
-        [f"sparsity {t:.1f}" for t in targets] + ["no target"]) + " |",
-        "| --- | ---: | ---: | " + " | ".join(["---:"] * (len(targets) + 1)) + " |"]
+    header = ["method", "FP layers", "bits/weight (decoder)", *[f"sparsity {t:.1f}" for t in targets], "no target"]
+    cells = []
     for method, fraction in dict.fromkeys((r["method"], r["fp_fraction"]) for r in rows):
-        cells = {r["sparsity_target"]: r for r in rows if (r["method"], r["fp_fraction"]) == (method, fraction)}
-        bits = next(iter(cells.values()))["bits_per_linear_weight"]
-        values = [f"{cells[t]['ppl']:,.1f}" if t in cells else "" for t in targets + [None]]
-        lines.append(f"| {method} | {fraction:.0%} | {bits:.2f} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
+        by_target = {r["sparsity_target"]: r for r in rows if (r["method"], r["fp_fraction"]) == (method, fraction)}
+        bits = next(iter(by_target.values()))["bits_per_linear_weight"]
+        values = [f"{by_target[t]['ppl']:,.1f}" if t in by_target else "" for t in targets + [None]]
+        cells.append([method, f"{fraction:.0%}", f"{bits:.2f}", *values])
+    return markdown_table(header, cells)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, report)
     for path in plot(report, out):
         print(f"wrote {path}", file=sys.stderr)
-    print(markdown_table(report))
+    print(table(report))
     return 0
 
 
