@@ -28,7 +28,7 @@ from atq import QuantConfig, load_model, smollm2
 from atq.data import load_text, token_windows
 from atq.export.gguf import export_gguf
 from atq.files import write_json
-from atq.stats import measure_recipe
+from atq.measure import measure_recipe
 
 CONFIG = QuantConfig(granularity="row", calibration="wikitext2_valid", calibration_windows=64,
                      calibration_seq_len=512)

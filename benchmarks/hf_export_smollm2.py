@@ -23,7 +23,8 @@ from atq import QuantConfig, load_model, save_quantized
 from atq.data import load_text, token_windows
 from atq.export.hf import export_hf
 from atq.files import write_json
-from atq.stats import directory_bytes, measure_recipe
+from atq.measure import measure_recipe
+from atq.stats import directory_bytes
 
 PLAIN_TRANSFORMERS = """
 import json, sys, torch, torch.nn.functional as F

@@ -22,7 +22,8 @@ import torch
 from atq import QuantConfig, load_model
 from atq.data import load_text, token_windows
 from atq.files import write_json
-from atq.stats import fp_reference, markdown_table, measure_recipe
+from atq.measure import fp_reference, measure_recipe
+from atq.stats import markdown_table
 
 METHODS: list[tuple[str, QuantConfig]] = [
     ("seed preset (tensor, 0.7 std)", QuantConfig.seed()),

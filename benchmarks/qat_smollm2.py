@@ -32,8 +32,9 @@ from atq.config import COMPILE_MODES, ROTATIONS
 from atq.data import cached_generated_windows, load_text, token_windows
 from atq.evaluate import evaluate_windows
 from atq.files import write_json
+from atq.measure import measure_recipe
 from atq.qat import TrainConfig, prepare_qat, to_packed, train
-from atq.stats import measure_recipe, model_stats
+from atq.stats import model_stats
 
 PTQ_INIT = QuantConfig(granularity="group", group_size=64, reconstruct_steps=64)
 # name -> (prepare_qat options, learning rate relative to --lr)

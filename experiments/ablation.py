@@ -25,9 +25,9 @@ from atq import QuantConfig, load_model
 from atq.data import load_text, token_windows
 from atq.evaluate import evaluate_windows
 from atq.files import write_json
-from atq.sensitivity import keep_in_fp, sensitivity
-from atq.stats import markdown_table, measure_recipe
-from atq.surgery import select_linear_layers
+from atq.measure import measure_recipe
+from atq.sensitivity import most_sensitive
+from atq.stats import markdown_table
 
 # the measured keys of a row, in the order results/ablation_smollm2.json has them
 MEASURED = ("ppl", "sparsity", "bits_per_weight", "bits_per_linear_weight", "quant_seconds", "config")
@@ -54,9 +54,8 @@ def fp_exclusions(model, config: QuantConfig, windows: torch.Tensor, fraction: f
     """
     if fraction == 0:
         return ()
-    layers = select_linear_layers(model, config)
-    scores = sensitivity(model, layers, config, windows, "gradient", quiet=True)
-    return tuple(f"^{re.escape(name)}$" for name in sorted(keep_in_fp(scores, fraction)))
+    kept, _ = most_sensitive(model, config, windows, fraction, "gradient")
+    return tuple(f"^{re.escape(name)}$" for name in sorted(kept))
 
 
 def jobs(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:

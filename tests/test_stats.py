@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from atq import PackedTernaryLinear, QuantConfig, quantize, save_quantized
 from atq.evaluate import evaluate_windows
-from atq.stats import fp_reference, markdown_table, measure_recipe
+from atq.measure import fp_reference, measure_recipe
+from atq.stats import markdown_table
 
 KEYS = {"config", "ppl", "token_accuracy", "quant_seconds", "bits_per_weight", "bits_per_linear_weight", "sparsity",
         "artifact_bytes"}

@@ -78,12 +78,11 @@ def _keep_sensitive_fp(model: nn.Module, layers: dict[str, nn.Module], config: Q
     to ternarise, every layer's sensitivity score)."""
     if config.fp_fraction <= 0:
         return layers, {}
-    from .sensitivity import keep_in_fp, sensitivity
+    from .sensitivity import most_sensitive
 
     if windows is None:
         raise ValueError("mixed precision (fp_fraction > 0) scores layers on calibration data: give calibration")
-    scores = sensitivity(model, layers, config, windows[: min(len(windows), 16)], config.sensitivity, quiet)
-    kept = keep_in_fp(scores, config.fp_fraction)
+    kept, scores = most_sensitive(model, config, windows[:16], config.fp_fraction, config.sensitivity, layers, quiet)
     layers = {name: module for name, module in layers.items() if name not in kept}
     if not layers:
         raise ValueError(f"fp_fraction={config.fp_fraction} keeps every selected layer in floating point")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .quantizers import ternarize
-from .surgery import linear_weight
+from .surgery import linear_weight, select_linear_layers
 
 SCORES = ("gradient", "measured")
 
@@ -95,3 +95,14 @@ def keep_in_fp(scores: dict[str, float], fraction: float) -> set[str]:
     """Names of the round(fraction · layers) highest-scoring layers."""
     count = round(fraction * len(scores))
     return set(sorted(scores, key=scores.__getitem__, reverse=True)[:count])
+
+
+def most_sensitive(
+    model: nn.Module, config: QuantConfig, windows: torch.Tensor, fraction: float, method: str = "gradient",
+    layers: dict[str, nn.Module] | None = None, quiet: bool = True,
+) -> tuple[set[str], dict[str, float]]:
+    """The names of the ``fraction`` most sensitive of ``layers`` (default: those ``config`` selects) and every
+    layer's score: the layers mixed precision keeps in floating point."""
+    layers = select_linear_layers(model, config) if layers is None else layers
+    scores = sensitivity(model, layers, config, windows, method, quiet)
+    return keep_in_fp(scores, fraction), scores
