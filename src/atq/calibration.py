@@ -23,7 +23,7 @@ from .capture import (
     capture_head_inputs,
     run_block,
 )
-from .config import QuantConfig
+from .config import Calibration, QuantConfig
 from .gptq import gptq_ternary_batched
 from .layers import PackedTernaryLinear
 from .surgery import decoder_blocks, linear_weight, set_module
@@ -44,10 +44,10 @@ def calibrated_quantize(model: nn.Module, layers: dict[str, nn.Module], config: 
         raise ValueError(f"calibrated quantization handles layers inside decoder blocks only; got {outside[:3]}")
     was_training = model.training
     model.eval()
-    head_inputs = capture_head_inputs(model, windows, batch_size) if config.end_to_end_steps else None
+    head_inputs = capture_head_inputs(model, windows, batch_size) if config.end_to_end else None
     batches = capture_block_inputs(model, blocks[0], windows, batch_size)
     # the FP model's own activations, carried alongside when reconstruction targets them
-    fp_batches = batches if config.reconstruct_steps and config.reconstruct_target == "fp" else None
+    fp_batches = batches if config.reconstruction and config.reconstruction.target == "fp" else None
     extras: dict[str, dict[str, Any]] = {}
     for index, block in enumerate(tqdm(blocks, desc="calibrate", disable=quiet, unit="block")):
         block_prefix = f"{prefix}.{index}."
@@ -70,7 +70,7 @@ def _quantize_block(block: nn.Module, layers: dict[str, nn.Module], batches: Bat
                     fp_outputs: list[torch.Tensor] | None, config: QuantConfig) -> dict[str, dict[str, float]]:
     """Solve, replace and (optionally) reconstruct one block's layers; returns each layer's output error."""
     hessians = accumulate_hessians(block, layers, batches)
-    targets = fp_outputs if fp_outputs is not None else (run_block(block, batches) if config.reconstruct_steps
+    targets = fp_outputs if fp_outputs is not None else (run_block(block, batches) if config.reconstruction
                                                          else None)
     weights = {name: linear_weight(module).detach() for name, module in layers.items()}
     solved = solve_layers(weights, hessians, config)
@@ -107,12 +107,13 @@ def solve_layers(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
     for names in shared:
         by_width.setdefault(weights[names[0]].shape[1], []).append(names)
     solved: dict[str, tuple[TernaryTensor, torch.Tensor]] = {}
+    stage = config.calibration or Calibration(source=None)  # windows handed to quantize: the stage's defaults
     for width, problems in by_width.items():
         fused = gptq_ternary_batched(
             [torch.cat([weights[n] for n in names]) for names in problems],
             [hessians[names[0]] for names in problems],
             group_size=width if config.granularity == "row" else config.group_size,
-            planes=config.planes, damp=config.damp, block_size=config.block_size, compensate=config.compensation,
+            planes=config.planes, damp=stage.damp, block_size=stage.block_size, compensate=stage.compensation,
             sparsity=config.sparsity if config.mode == "sparsity" else None,
         )
         for names, (tensor, rounded) in zip(problems, fused):

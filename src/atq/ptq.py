@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import QuantConfig
+from .config import Calibration, QuantConfig
 from .layers import PackedTernaryLinear
 from .quantizers import fit_ternary
 from .rotation import check_rotatable, rotate_model
@@ -32,7 +32,7 @@ def quantize(
     """Replace the selected linear layers of ``model`` by packed ternary layers, in place.
 
     ``calibration``: token windows (n, seq_len), or a source (``wikitext2_valid``, a text file, ``generated``)
-    that ``tokenizer`` turns into ``config.calibration_windows`` windows; defaults to ``config.calibration``.
+    that ``tokenizer`` turns into ``config.calibration.windows`` windows; defaults to the calibration stage's source.
     With calibration, layers are quantized block by block against their input statistics (calibration.py);
     without, each weight is ternarised on its own (quantizers.py).
 
@@ -48,10 +48,10 @@ def quantize(
     for name, weight in weights.items():
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}.weight contains NaN/Inf values; ternarisation needs finite weights")
-    if config.rotation != "none":
+    if config.rotation is not None:
         check_rotatable(model)  # before the calibration data: a refusal must come before any slow work
     windows = calibration_windows(model, config, calibration, tokenizer)
-    if config.rotation != "none":
+    if config.rotation is not None:
         rotate_model(model, config.rotation)  # the same function; the weights to ternarise change
         weights = {name: linear_weight(module).detach() for name, module in layers.items()}
     layers, scores = _keep_sensitive_fp(model, layers, config, windows, quiet)
@@ -76,16 +76,17 @@ def _keep_sensitive_fp(model: nn.Module, layers: dict[str, nn.Module], config: Q
                        windows: torch.Tensor | None, quiet: bool) -> tuple[dict[str, nn.Module], dict[str, float]]:
     """Mixed precision: drop the most sensitive layers from ``layers`` (they stay FP); returns (the layers left
     to ternarise, every layer's sensitivity score)."""
-    if config.fp_fraction <= 0:
+    stage = config.mixed_precision
+    if stage is None:
         return layers, {}
     from .sensitivity import most_sensitive
 
     if windows is None:
         raise ValueError("mixed precision (fp_fraction > 0) scores layers on calibration data: give calibration")
-    kept, scores = most_sensitive(model, config, windows[:16], config.fp_fraction, config.sensitivity, layers, quiet)
+    kept, scores = most_sensitive(model, config, windows[:16], stage.fp_fraction, stage.sensitivity, layers, quiet)
     layers = {name: module for name, module in layers.items() if name not in kept}
     if not layers:
-        raise ValueError(f"fp_fraction={config.fp_fraction} keeps every selected layer in floating point")
+        raise ValueError(f"fp_fraction={stage.fp_fraction} keeps every selected layer in floating point")
     return layers, scores
 
 
@@ -129,7 +130,8 @@ def calibration_windows(
     """Token windows for calibration, or None for data-free weight-only ternarisation."""
     from .data import DataError, generated_windows, load_text, token_windows
 
-    source = calibration if calibration is not None else config.calibration
+    stage = config.calibration or Calibration(source=None)
+    source = calibration if calibration is not None else stage.source
     if source is None:
         return None
     if isinstance(source, torch.Tensor):
@@ -137,9 +139,9 @@ def calibration_windows(
     elif tokenizer is None:
         raise ValueError(f"calibration source {source!r} needs a tokenizer (quantize(..., tokenizer=tok))")
     elif source == "generated":
-        windows = generated_windows(model, tokenizer, config.calibration_windows, config.calibration_seq_len)
+        windows = generated_windows(model, tokenizer, stage.windows, stage.seq_len)
     else:
-        windows = token_windows(tokenizer, load_text(source), config.calibration_seq_len, config.calibration_windows)
+        windows = token_windows(tokenizer, load_text(source), stage.seq_len, stage.windows)
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise DataError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(windows.shape)}")
     return windows

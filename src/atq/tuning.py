@@ -77,9 +77,11 @@ def _groups(layers: dict[str, TernaryLinear], fp_params: list[nn.Parameter], lr:
 def reconstruct_block(block: nn.Module, batches: Batches, targets: list[torch.Tensor], config: QuantConfig,
                       starts: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
     """Tune the block's ternary scales and its other FP parameters (norms, biases, layers kept FP) so the block
-    reproduces ``targets``; with ``config.reconstruct_weight_lr`` > 0 the latent weights too (codes may change),
-    starting from ``starts`` (layer name -> GPTQ's rounded values). Returns the loss before and after."""
-    weight_lr = config.reconstruct_weight_lr
+    reproduces ``targets``, as ``config.reconstruction`` says; with its ``weight_lr`` > 0 the latent weights too
+    (codes may change), starting from ``starts`` (layer name -> GPTQ's rounded values). Returns the loss before
+    and after."""
+    stage = config.reconstruction
+    weight_lr = stage.weight_lr
     layers, fp_params, saved = swap_in_trainable(block, config, (starts or {}) if weight_lr > 0 else None)
 
     def loss_on(index: int) -> torch.Tensor:
@@ -90,8 +92,7 @@ def reconstruct_block(block: nn.Module, batches: Batches, targets: list[torch.Te
         return F.mse_loss(output.float(), targets[index])
 
     try:
-        return train_steps(loss_on, len(batches), config.reconstruct_steps,
-                           _groups(layers, fp_params, config.reconstruct_lr, weight_lr))
+        return train_steps(loss_on, len(batches), stage.steps, _groups(layers, fp_params, stage.lr, weight_lr))
     finally:
         freeze(block, layers, saved)
 
@@ -119,7 +120,7 @@ def tune_end_to_end(model: nn.Module, windows: torch.Tensor, head_inputs: list[t
                         F.log_softmax(target.float().reshape(-1, vocab), -1), log_target=True, reduction="batchmean")
 
     try:
-        return train_steps(loss_on, len(head_inputs), config.end_to_end_steps,
-                           _groups(layers, fp_params, config.end_to_end_lr))
+        return train_steps(loss_on, len(head_inputs), config.end_to_end.steps,
+                           _groups(layers, fp_params, config.end_to_end.lr))
     finally:
         freeze(model, layers, saved)
