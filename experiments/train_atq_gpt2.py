@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from atq.cli import main, with_defaults
+from atq.cli import main
+from atq.flags import with_defaults
 
 DEFAULTS = ["--model", "gpt2", "--data", "generated", "--learned-scales"]
 

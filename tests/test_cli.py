@@ -1,8 +1,75 @@
+import argparse
 import json
 import os
 
-from atq.cli import main
+import pytest
+
+from atq import QuantConfig
+from atq.cli import build_parser, main
+from atq.flags import config_from_args
 from atq.io import ARTIFACT_CONFIG
+
+# The flags users and the README rely on: the generated parser must keep every one of these names.
+FLAGS = ["--mode", "--sparsity", "--threshold", "--alpha", "--granularity", "--group-size", "--include", "--exclude",
+         "--quantize-head", "--planes", "--packing", "--activations", "--rotation", "--calibration",
+         "--calibration-windows", "--calibration-seq-len", "--compensation", "--no-compensation", "--damp",
+         "--block-size", "--reconstruct-steps", "--reconstruct-lr", "--reconstruct-target", "--reconstruct-weight-lr",
+         "--end-to-end-steps", "--end-to-end-lr", "--fp-fraction", "--sensitivity", "--preset"]
+# A value other than the default for every QuantConfig keyword, consistent with each other.
+SAMPLE = {"mode": "magnitude", "sparsity": 0.25, "threshold": 0.03, "alpha": 0.9, "granularity": "row",
+          "group_size": 32, "include": ["mlp", "attn"], "exclude": ["o_proj"], "quantize_head": True, "planes": 2,
+          "packing": "base3", "activations": "int8", "rotation": "hadamard", "calibration": "generated",
+          "calibration_windows": 16, "calibration_seq_len": 256, "compensation": False, "damp": 0.05,
+          "block_size": 32, "reconstruct_steps": 12, "reconstruct_lr": 2e-3, "reconstruct_target": "block",
+          "reconstruct_weight_lr": 1e-5, "end_to_end_steps": 6, "end_to_end_lr": 3e-5, "fp_fraction": 0.1,
+          "sensitivity": "measured"}
+
+
+def _argv(keywords: dict) -> list[str]:
+    argv = []
+    for name, value in keywords.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return argv
+
+
+def _parse(argv: list[str]) -> QuantConfig:
+    return config_from_args(build_parser().parse_args(["quantize", *argv]))
+
+
+def test_every_keyword_has_a_flag_that_parses_like_the_api():
+    assert set(SAMPLE) == {keyword.name for keyword in QuantConfig.keywords()}
+    assert _parse(_argv(SAMPLE)) == QuantConfig(**SAMPLE)
+    assert _parse([]) == QuantConfig()
+    options = {o for a in build_parser()._subparsers._group_actions[0].choices["quantize"]._actions
+               for o in a.option_strings}
+    assert set(FLAGS) <= options
+
+
+@pytest.mark.parametrize("keyword", sorted(SAMPLE))
+def test_each_flag_alone_parses_like_its_keyword(keyword):
+    stage = next(k.stage for k in QuantConfig.keywords() if k.name == keyword)
+    switch = {"calibration": "calibration", "reconstruction": "reconstruct_steps", "end_to_end": "end_to_end_steps",
+              "mixed_precision": "fp_fraction"}.get(stage, keyword)
+    keywords = {switch: SAMPLE[switch], keyword: SAMPLE[keyword]}
+    assert _parse(_argv(keywords)) == QuantConfig(**keywords)
+
+
+def test_preset_is_the_base_that_the_given_flags_override(text_file):
+    calibrated = _parse(["--preset", "bitnet", "--calibration", str(text_file), "--calibration-windows", "8"])
+    assert calibrated == QuantConfig.bitnet().replace(calibration=str(text_file), calibration_windows=8)
+    assert calibrated.calibration.source == str(text_file) and calibrated.activations == "int8"
+    assert _parse(["--preset", "seed", "--granularity", "row"]) == QuantConfig.seed().replace(granularity="row")
+    assert _parse(["--preset", "seed"]) == QuantConfig.seed()
+    assert _parse(["--no-compensation", "--calibration", "generated"]).calibration.compensation is False
+    with pytest.raises(ValueError, match="calibration_windows sets the calibration stage"):
+        _parse(["--calibration-windows", "8"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--mode", "bogus"])
+    assert isinstance(build_parser().parse_args(["quantize"]), argparse.Namespace)
 
 
 def test_quantize_with_eval_then_eval_the_artifact(tiny_model_dir, text_file, tmp_path, capsys):
@@ -47,16 +114,33 @@ def test_calibrated_two_plane_mixed_precision_from_the_cli(tiny_model_dir, text_
     out = tmp_path / "calibrated"
     code = main(["quantize", "--model", str(tiny_model_dir), "--calibration", str(text_file),
                  "--calibration-windows", "4", "--calibration-seq-len", "16", "--planes", "2", "--packing", "base3",
-                 "--reconstruct-steps", "5", "--fp-fraction", "0.2", "--rotation", "hadamard", "--end-to-end-steps", "3",
+                 "--reconstruct-steps", "5", "--fp-fraction", "0.2", "--rotation", "hadamard",
+                 "--end-to-end-steps", "3",
                  "--out", str(out), "--device", "cpu", "--quiet"])
     assert code == 0, capsys.readouterr().err
     meta = json.loads((out / ARTIFACT_CONFIG).read_text())
-    assert meta["quant_config"]["planes"] == 2 and meta["quant_config"]["calibration"] == str(text_file)
-    assert meta["quant_config"]["rotation"] == "hadamard" and meta["quant_config"]["end_to_end_steps"] == 3
+    config = meta["quant_config"]
+    assert config["planes"] == 2 and config["calibration"]["source"] == str(text_file)
+    assert config["calibration"]["windows"] == 4 and config["reconstruction"]["steps"] == 5
+    assert config["rotation"] == "hadamard" and config["end_to_end"]["steps"] == 3
+    assert config["mixed_precision"] == {"fp_fraction": 0.2, "sensitivity": "gradient"}
     assert meta["model_config"]["tie_word_embeddings"] is False  # the rotation untied the head
     layers = meta["layers"].values()
     assert sum(layer["precision"] == "fp" for layer in layers) == 1 + round(0.2 * 14)  # head + kept layers
-    assert all(layer["layout"] == "base3" and layer["planes"] == 2 for layer in layers if layer["precision"] != "fp")
+    assert all(layer["packing"] == "base3" and layer["planes"] == 2 for layer in layers if layer["precision"] != "fp")
+
+
+def test_preset_with_calibration_calibrates(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "bitnet"  # the preset used to replace every other flag: these ran uncalibrated
+    command = ["quantize", "--model", str(tiny_model_dir), "--preset", "bitnet", "--calibration", str(text_file),
+               "--calibration-windows", "2", "--calibration-seq-len", "16", "--out", str(out), "--device", "cpu",
+               "--quiet"]
+    assert main(command) == 2  # bitnet's one scale per tensor: calibration is refused, no longer dropped
+    assert "granularity" in capsys.readouterr().err and not out.exists()
+    assert main(command + ["--granularity", "row"]) == 0, capsys.readouterr().err
+    config = json.loads((out / ARTIFACT_CONFIG).read_text())["quant_config"]
+    assert config["calibration"]["source"] == str(text_file) and config["calibration"]["windows"] == 2
+    assert (config["mode"], config["granularity"], config["activations"]) == ("absmean", "row", "int8")
 
 
 def test_train_from_a_ptq_artifact_then_eval(tiny_model_dir, text_file, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""``atq quantize | train | eval``: a thin layer over the Python API (every option maps to a QuantConfig field or an
-argument of ``evaluate``)."""
+"""``atq quantize | train | eval | export``: a thin layer over the Python API (quantize's config flags are
+generated from QuantConfig's keywords in flags.py; the other options map to arguments of the API)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import COMPILE_MODES, GRANULARITIES, MODES, ROTATIONS, QuantConfig
+from .config import COMPILE_MODES, QuantConfig
+from .flags import add_config_flags, config_from_args
 from .stats import directory_bytes, model_stats
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,43 +39,24 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atq", description="Adaptive ternary quantization of causal LMs")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(commands)
+    _add_train(commands)
+    _add_export(commands)
+    _add_eval(commands)
+    return parser
 
+
+def _add_quantize(commands: argparse._SubParsersAction) -> None:
     q = commands.add_parser("quantize", help="ternarise a model and save a packed artifact")
     q.add_argument("--model", default="smollm2", help="hub id, local dir, .gguf file, or smollm2 (default)")
-    q.add_argument("--preset", choices=["seed", "bitnet"], default=None,
-                   help="seed: the seed project's recipe; bitnet: per-tensor absmean, int8 activations (W1.58A8)")
-    defaults = QuantConfig()
-    q.add_argument("--mode", choices=MODES, default=defaults.mode)
-    q.add_argument("--sparsity", type=float, default=defaults.sparsity)
-    q.add_argument("--threshold", type=float, default=None, help="absolute cutoff (magnitude mode)")
-    q.add_argument("--alpha", type=float, default=defaults.alpha, help="cutoff = alpha*std(W) (magnitude mode)")
-    q.add_argument("--granularity", choices=GRANULARITIES, default=defaults.granularity)
-    q.add_argument("--group-size", type=int, default=defaults.group_size)
-    q.add_argument("--include", nargs="*", default=[], help="regexes of layer names to ternarise")
-    q.add_argument("--exclude", nargs="*", default=[], help="regexes of layer names to keep FP")
-    q.add_argument("--planes", type=int, default=defaults.planes, help="trit-planes per weight")
-    q.add_argument("--packing", choices=["2bit", "base3"], default=defaults.packing)
-    q.add_argument("--calibration", default=None,
-                   help="calibrate on wikitext2_valid, a text file, or generated (data-free); default: none")
-    q.add_argument("--calibration-windows", type=int, default=defaults.calibration_windows)
-    q.add_argument("--calibration-seq-len", type=int, default=defaults.calibration_seq_len)
-    q.add_argument("--no-compensation", action="store_true", help="calibrate without GPTQ error compensation")
-    q.add_argument("--reconstruct-steps", type=int, default=defaults.reconstruct_steps,
-                   help="block-wise reconstruction steps per decoder block (0: off)")
-    q.add_argument("--reconstruct-weight-lr", type=float, default=defaults.reconstruct_weight_lr,
-                   help="also train latent weights in reconstruction at this learning rate (0: scales only)")
-    q.add_argument("--end-to-end-steps", type=int, default=defaults.end_to_end_steps,
-                   help="after the blocks, tune all scales against the FP model's logits for this many steps (0: off)")
-    q.add_argument("--rotation", choices=ROTATIONS, default=defaults.rotation,
-                   help="rotate a Llama-family model first (same function, fewer outliers per group)")
-    q.add_argument("--fp-fraction", type=float, default=defaults.fp_fraction,
-                   help="fraction of layers kept FP, the most sensitive (needs --calibration)")
-    q.add_argument("--sensitivity", choices=["gradient", "measured"], default=defaults.sensitivity)
     q.add_argument("--out", default=None, help="artifact directory (default out/<model>-atq)")
     q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the FP parts and activations")
     q.add_argument("--eval", action="store_true", help="perplexity before and after")
     _add_eval_options(q)
+    add_config_flags(q)
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
     t = commands.add_parser("train", help="quantization-aware training with distillation from the FP model")
     t.add_argument("--model", default="smollm2", help="the FP model (teacher; student too without --init)")
     t.add_argument("--init", default=None, help="start from this PTQ artifact directory")
@@ -105,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--quiet", action="store_true")
 
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
     x = commands.add_parser("export", help="write an artifact in a format other runtimes load")
     x.add_argument("--model", required=True, help="ATQ artifact directory")
     x.add_argument("--format", choices=["gguf", "hf"], required=True,
@@ -118,29 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dequantize", action="store_true",
                    help="hf: write plain FP safetensors when the layout is not BitNet's (no compression)")
 
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
     e = commands.add_parser("eval", help="perplexity and token accuracy of a model or artifact")
     e.add_argument("--model", required=True, help="artifact dir, hub id, local dir, .gguf, or smollm2")
     e.add_argument("--dtype", choices=DTYPES, default="float32")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     _add_eval_options(e)
-    return parser
-
-
-def _config_from_args(args: argparse.Namespace) -> QuantConfig:
-    if args.preset == "seed":
-        return QuantConfig.seed()
-    if args.preset == "bitnet":
-        return QuantConfig.bitnet()
-    return QuantConfig(
-        mode=args.mode, sparsity=args.sparsity, threshold=args.threshold, alpha=args.alpha,
-        granularity=args.granularity, group_size=args.group_size,
-        include=tuple(args.include), exclude=tuple(args.exclude), planes=args.planes, packing=args.packing,
-        calibration=args.calibration, calibration_windows=args.calibration_windows,
-        calibration_seq_len=args.calibration_seq_len, compensation=not args.no_compensation,
-        reconstruct_steps=args.reconstruct_steps, reconstruct_weight_lr=args.reconstruct_weight_lr,
-        fp_fraction=args.fp_fraction, sensitivity=args.sensitivity, rotation=args.rotation,
-        end_to_end_steps=args.end_to_end_steps,
-    )
 
 
 def _eval(model, tokenizer, args: argparse.Namespace) -> dict:
@@ -156,13 +124,12 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from . import quantize
+    from . import load_model, quantize, save_quantized
     from .data import load_text
-    from .io import save_quantized
-    from .models import load_model
 
-    config = _config_from_args(args)  # validate before any slow work
-    for source in ([args.data] if args.eval else []) + [config.calibration]:
+    config = config_from_args(args)  # validate before any slow work
+    calibration = config.calibration.source if config.calibration else None
+    for source in ([args.data] if args.eval else []) + [calibration]:
         if source not in (None, "generated"):
             load_text(source)  # fail on missing data before spending minutes on the model
     out = Path(args.out or f"out/{Path(args.model).stem}-atq")
@@ -175,8 +142,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     save_quantized(model, out, tokenizer=tokenizer)
     stats = model_stats(model)
     ternary = [r for r in report if r["precision"] == "ternary"]
+    shown = {k: v for k, v in config.to_dict().items() if v not in ([], None)}  # no empty lists, no off stages
     rows = [
-        ("model", args.model), ("config", json.dumps({k: v for k, v in config.to_dict().items() if v not in ((), [], {})})),
+        ("model", args.model), ("config", json.dumps(shown)),
         ("ternary layers", f"{stats['ternary_layers']} of {len(report)} linear"),
         ("bits per weight (ternary, with scales)", f"{stats['bits_per_weight']:.3f}"),
         ("bits per weight (all decoder linears, FP at 16)", f"{stats['bits_per_linear_weight']:.3f}"),
@@ -310,19 +278,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = export_hf(model, args.out, dequantize=args.dequantize, tokenizer=tokenizer)
     print(_table([(k, str(v)) for k, v in report.items()]))
     return 0
-
-
-def with_defaults(command: str, defaults: list[str], extra: list[str]) -> list[str]:
-    """``[command, *defaults, *extra]`` minus the default options that ``extra`` sets itself: the command line of
-    a thin wrapper script (experiments/) that presets options but lets every one be overridden."""
-    given = {arg for arg in extra if arg.startswith("--")}
-    kept, i = [], 0
-    while i < len(defaults):
-        takes_value = i + 1 < len(defaults) and not defaults[i + 1].startswith("--")
-        if defaults[i] not in given:
-            kept += defaults[i : i + 1 + takes_value]
-        i += 1 + takes_value
-    return [command, *kept, *extra]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,141 +1,192 @@
-"""QuantConfig: the one description of how a model is ternarised.
+"""QuantConfig: the one description of how a model is ternarised, stored with every artifact (``to_dict``).
 
-It is frozen and validated on construction so that a bad value fails where the user typed it, naming the
-field and the allowed range, instead of deep inside a quantizer. Every artifact stores it (``to_dict``), so a
-loaded model always knows the recipe that made it.
+The quantizer fields are flat; each optional stage of calibrated PTQ is a frozen dataclass where ``None`` means
+off, so a setting exists only where it acts. Everything is validated on construction (the error names the field
+and the allowed range), so a bad value fails where the user typed it. The flat keywords of the stage fields
+(``calibration_windows=``, ``reconstruct_steps=`` ...) stay: they are the README's recipes and the CLI's flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 MODES = ("sparsity", "magnitude", "mse", "absmean")
 GRANULARITIES = ("tensor", "row", "group")
-ROTATIONS = ("none", "hadamard", "orthogonal")
+ROTATIONS = ("none", "hadamard", "orthogonal")  # "none" is stored as None
 COMPILE_MODES = ("off", "blocks", "model")  # TrainConfig.compile (qat.py)
 
 
+class _Check(NamedTuple):
+    ok: Callable[[Any], bool]
+    allowed: str  # completes "<field> must be ..."
+    choices: tuple | None = None
+
+
+def _choice(options: tuple, optional: bool = False) -> _Check:
+    return _Check(lambda v: (optional and v is None) or v in options,
+                  f"{'None or ' if optional else ''}one of {options}", options)
+
+
+def _integer(low: int, high: int | None = None) -> _Check:
+    return _Check(lambda v: type(v) is int and low <= v and (high is None or v <= high),
+                  f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+
+
+def _real(low: float, high: float | None = None, *, strict: bool = False, optional: bool = False) -> _Check:
+    """A finite number >= low (> low when strict), below high when given."""
+    def ok(v: Any) -> bool:
+        if optional and v is None:
+            return True
+        real = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return real and (v > low if strict else v >= low) and (high is None or v < high)
+    text = (f"in {'(' if strict else '['}{low:g}, {high:g})" if high is not None
+            else f"a finite number {'>' if strict else '>='} {low:g}")
+    return _Check(ok, ("None or " if optional else "") + text)
+
+
+_BOOL = _Check(lambda v: isinstance(v, bool), "True or False")
+_PATTERNS = _Check(lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v),
+                   "a list or tuple of regular expressions, e.g. ['mlp'] (a single string is not accepted)")
+
+
+def _field(default: Any, help: str, check: _Check, **metadata: Any) -> Any:
+    """A field with its help (the CLI's), its check and, in a stage, its flat ``keyword``; a stage's switch also
+    has the keyword value that turns the stage ``off`` and how to turn it ``on``."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": check, **metadata})
+
+
+class _Stage:
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
 @dataclass(frozen=True)
+class Calibration(_Stage):
+    """Calibrated PTQ: GPTQ on each decoder block's input Hessian, blocks in order on propagated inputs."""
+
+    source: str | None = _field(  # None: quantize(calibration=windows) gets the windows
+        "wikitext2_valid", "calibrate on wikitext2_valid, a text file, or generated (text sampled from the FP "
+        "model); default: no calibration", _Check(lambda v: v is None or (isinstance(v, str) and v != ""),
+        "None, 'wikitext2_valid', 'generated' or a text file path"), keyword="calibration", off=None,
+        on="calibration=SOURCE")
+    windows: int = _field(128, "calibration windows", _integer(1), keyword="calibration_windows")
+    seq_len: int = _field(2048, "tokens per calibration window", _integer(2), keyword="calibration_seq_len")
+    compensation: bool = _field(True, "GPTQ error compensation: push each column's error onto the columns not "
+                                "yet quantized through the inverse Hessian", _BOOL, keyword="compensation")
+    damp: float = _field(0.01, "Hessian dampening, a fraction of its mean diagonal", _real(0, strict=True),
+                         keyword="damp")
+    block_size: int = _field(128, "columns per lazy GPTQ update", _integer(1), keyword="block_size")
+
+
+@dataclass(frozen=True)
+class Reconstruction(_Stage):
+    """Block-wise reconstruction after GPTQ: tune each decoder block's scales against the FP output."""
+
+    steps: int = _field(96, "Adam steps of block-wise reconstruction per decoder block (0: off)", _integer(1),
+                        keyword="reconstruct_steps", off=0, on="reconstruct_steps=N (N > 0)")
+    lr: float = _field(1e-3, "learning rate of block-wise reconstruction", _real(0, strict=True),
+                       keyword="reconstruct_lr")
+    target: str = _field("fp", "fp: the FP model's own activations (a block also undoes the drift of the blocks "
+                         "before it); block: the FP block applied to the quantized inputs", _choice(("fp", "block")),
+                         keyword="reconstruct_target")
+    weight_lr: float = _field(0.0, "also train latent weights (straight-through) at this rate, so codes can "
+                              "change (0: scales only)", _real(0), keyword="reconstruct_weight_lr")
+
+
+@dataclass(frozen=True)
+class EndToEnd(_Stage):
+    """End-to-end tuning of every scale so the model's next-token distribution matches the FP model's."""
+
+    steps: int = _field(128, "steps tuning all scales against the FP model's logits (KL, codes fixed; 0: off)",
+                        _integer(1), keyword="end_to_end_steps", off=0, on="end_to_end_steps=N (N > 0)")
+    lr: float = _field(1e-4, "learning rate of end-to-end tuning (norms at a tenth)", _real(0, strict=True),
+                       keyword="end_to_end_lr")
+
+
+@dataclass(frozen=True)
+class MixedPrecision(_Stage):
+    """Keep the most sensitive selected layers in floating point; scoring them needs calibration windows."""
+
+    fp_fraction: float = _field(0.2, "fraction of layers kept FP, the most sensitive (needs calibration; 0: off)",
+                                _real(0, 1, strict=True), keyword="fp_fraction", off=0.0, on="fp_fraction=F > 0")
+    sensitivity: str = _field("gradient", "gradient: E[|g * dW|] from backward passes; measured: loss increase "
+                              "with that layer alone ternarised", _choice(("gradient", "measured")),
+                              keyword="sensitivity")
+
+
+_STAGES = {"calibration": Calibration, "reconstruction": Reconstruction, "end_to_end": EndToEnd,
+           "mixed_precision": MixedPrecision}
+
+
+def _stage(cls: type) -> dict[str, Any]:  # metadata of a QuantConfig field holding an optional stage
+    return {"help": cls.__doc__, "check": _Check(lambda v: v is None or isinstance(v, cls), f"None or {cls.__name__}")}
+
+
+@dataclass(frozen=True, init=False)
 class QuantConfig:
-    """How to ternarise each selected linear layer.
+    """How to ternarise each selected linear layer, and which optional stages of calibrated PTQ run.
 
-    mode:
-        ``sparsity``  zero the ``sparsity`` fraction of smallest-|w| weights in each scale group;
-        ``magnitude`` zero |w| <= ``threshold`` (absolute) or, when ``threshold`` is None, |w| <= ``alpha``·std(W);
-        ``mse``       the threshold minimising ||W - α·T||² exactly, per scale group;
-        ``absmean``   BitNet b1.58: α = mean |w| of the group, codes round(clamp(w/α, -1, 1)).
-    granularity: one scale per ``tensor``, per output ``row``, or per ``group`` of ``group_size`` inputs.
-    include / exclude: regular expressions matched (``re.search``) against module names; the output
-        embedding (LM head) is never ternarised unless ``quantize_head`` is set.
-    planes: trit-planes per weight, W ≈ Σ_k α_k·T_k (PTQTP); each plane costs its codes plus its scales.
-    packing: ``2bit`` (4 trits a byte, fast to unpack) or ``base3`` (5 trits a byte, 1.6 bits a trit).
-    activations: ``fp``, or ``int8``: every ternary layer's input is quantized to int8 per token (absmax), as
-        BitNet runtimes do (transformers' BitLinear); the accuracy then is the one such runtimes give.
-
-    With calibration, ``sparsity`` mode keeps its per-group zero fraction (thresholds refitted on the compensated
-    weights); the other modes round each column to the nearest level of the group's fitted grid.
-
-    Calibration (used when ``quantize`` gets calibration windows, or ``calibration`` names a source):
-    calibration: ``wikitext2_valid``, a text file, or ``generated`` (text sampled from the FP model);
-    calibration_windows x calibration_seq_len tokens; ``compensation`` pushes each column's error onto the
-    columns not yet quantized through the inverse Hessian (GPTQ) with ``damp`` (fraction of the mean diagonal),
-    lazy updates every ``block_size`` columns; ``reconstruct_steps`` > 0 then tunes
-    every decoder block's scales against the FP block's output (block-wise reconstruction) at ``reconstruct_lr``;
-    ``reconstruct_target`` ``fp``: the FP model's own activations (a block also learns to undo the drift of
-    the blocks before it), ``block``: the FP block applied to the quantized inputs; ``reconstruct_weight_lr``
-    > 0 also trains latent weights through the straight-through estimator, so codes can change (Block-AP);
-    ``end_to_end_steps`` > 0 finally tunes all scales (norms at a tenth of the rate) at ``end_to_end_lr`` so the
-    whole model's next-token distribution matches the FP model's on the calibration windows (KL, codes fixed).
-
-    rotation: ``hadamard`` or ``orthogonal`` first rotates a Llama-family model by random orthogonal matrices
-        fused into its weights (rotation.py: same function, outliers spread over every group), ``none`` not.
-
-    Mixed precision: ``fp_fraction`` of the selected layers, the most sensitive by the ``sensitivity`` score
-    (``gradient``: E[|g ⊙ ΔW|]; ``measured``: loss increase with that layer alone ternarised), stay FP.
-    Scoring needs calibration windows.
+    Keywords: the fields and the stage fields' flat keywords (``keywords()``); ``calibration`` also takes a source
+    string. Calibrated, ``sparsity`` mode keeps its per-group zero fraction; the other modes round each column to
+    the nearest level of the group's fitted grid. Stages that need calibration windows may get them from
+    ``quantize(calibration=windows)`` instead of a calibration stage.
     """
 
-    mode: str = "mse"
-    sparsity: float = 0.5
-    threshold: float | None = None
-    alpha: float = 0.7
-    granularity: str = "group"
-    group_size: int = 64
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    quantize_head: bool = False
-    planes: int = 1
-    packing: str = "2bit"
-    activations: str = "fp"
-    calibration: str | None = None
-    calibration_windows: int = 128
-    calibration_seq_len: int = 2048
-    compensation: bool = True
-    damp: float = 0.01
-    block_size: int = 128
-    reconstruct_steps: int = 0
-    reconstruct_lr: float = 1e-3
-    reconstruct_target: str = "fp"
-    reconstruct_weight_lr: float = 0.0
-    end_to_end_steps: int = 0
-    end_to_end_lr: float = 1e-4
-    rotation: str = "none"
-    fp_fraction: float = 0.0
-    sensitivity: str = "gradient"
+    mode: str = _field("mse", "sparsity: zero the smallest |w| of each scale group; magnitude: |w| <= threshold "
+                       "or alpha*std(W); mse: the threshold minimising ||W - a*T||^2; absmean: BitNet b1.58",
+                       _choice(MODES))
+    sparsity: float = _field(0.5, "fraction of zeros per scale group (mode sparsity)", _real(0, 1))
+    threshold: float | None = _field(None, "absolute cutoff (mode magnitude; default: alpha*std(W))",
+                                     _real(0, optional=True))
+    alpha: float = _field(0.7, "cutoff = alpha*std(W) (mode magnitude without threshold)", _real(0))
+    granularity: str = _field("group", "one scale per tensor, per output row, or per group of group_size inputs",
+                              _choice(GRANULARITIES))
+    group_size: int = _field(64, "inputs per scale group", _integer(1))
+    include: tuple[str, ...] = _field((), "regexes (re.search) of linear layer names to ternarise", _PATTERNS)
+    exclude: tuple[str, ...] = _field((), "regexes of linear layer names to keep FP", _PATTERNS)
+    quantize_head: bool = _field(False, "also ternarise the output embedding (LM head)", _BOOL)
+    planes: int = _field(1, "trit-planes per weight, W = sum of a_k*T_k; each costs its codes and scales",
+                         _integer(1, 4))
+    packing: str = _field("2bit", "2bit: 4 trits a byte (fast to unpack); base3: 5 trits a byte (1.6 bits a "
+                          "trit)", _choice(("2bit", "base3")))
+    activations: str = _field("fp", "fp, or int8: each ternary layer's input quantized per token (absmax), as "
+                              "BitNet runtimes do", _choice(("fp", "int8")))
+    rotation: str | None = _field(None, "rotate a Llama-family model first by orthogonal matrices fused into its "
+                                  "weights (same function, outliers spread over every group)",
+                                  _choice(ROTATIONS, optional=True))
+    calibration: Calibration | None = dataclasses.field(default=None, metadata=_stage(Calibration))
+    reconstruction: Reconstruction | None = dataclasses.field(default=None, metadata=_stage(Reconstruction))
+    end_to_end: EndToEnd | None = dataclasses.field(default=None, metadata=_stage(EndToEnd))
+    mixed_precision: MixedPrecision | None = dataclasses.field(default=None, metadata=_stage(MixedPrecision))
 
-    def __post_init__(self) -> None:
-        # Lists from JSON or the CLI become tuples so the config stays hashable and immutable.
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        _check(self.mode in MODES, "mode", f"one of {MODES}", self.mode)
-        _check(self.granularity in GRANULARITIES, "granularity", f"one of {GRANULARITIES}", self.granularity)
-        _check(_is_real(self.sparsity) and 0.0 <= self.sparsity < 1.0, "sparsity", "[0, 1)", self.sparsity)
-        _check(_is_real(self.alpha) and self.alpha >= 0.0, "alpha", "a finite number >= 0", self.alpha)
-        _check(
-            self.threshold is None or (_is_real(self.threshold) and self.threshold >= 0.0),
-            "threshold", "None or a finite number >= 0", self.threshold,
-        )
-        _check(
-            isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size >= 1,
-            "group_size", "an integer >= 1", self.group_size,
-        )
+    def __init__(self, **keywords: Any) -> None:
+        self._set(_resolve({f.name: f.default for f in dataclasses.fields(self)}, keywords))
 
-        for name, low in (("planes", 1), ("calibration_windows", 1), ("calibration_seq_len", 2), ("block_size", 1),
-                          ("reconstruct_steps", 0), ("end_to_end_steps", 0)):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, name,
-                   f"an integer >= {low}", value)
-        _check(_is_real(self.fp_fraction) and 0.0 <= self.fp_fraction < 1.0, "fp_fraction", "[0, 1)",
-               self.fp_fraction)
-        _check(self.sensitivity in ("gradient", "measured"), "sensitivity", "one of ('gradient', 'measured')",
-               self.sensitivity)
-        _check(self.reconstruct_target in ("fp", "block"), "reconstruct_target", "one of ('fp', 'block')",
-               self.reconstruct_target)
-        _check(self.rotation in ROTATIONS, "rotation", f"one of {ROTATIONS}", self.rotation)
-        _check(self.packing in ("2bit", "base3"), "packing", "one of ('2bit', 'base3')", self.packing)
-        _check(self.activations in ("fp", "int8"), "activations", "one of ('fp', 'int8')", self.activations)
-        _check(self.mode != "sparsity" or self.planes == 1 or self.calibration is None, "planes",
-               "1 when a calibrated run targets a sparsity (mode='sparsity')", self.planes)
-        _check(self.planes <= 4, "planes", "an integer in [1, 4]", self.planes)
-        _check(_is_real(self.damp) and self.damp > 0, "damp", "a finite number > 0", self.damp)
-        _check(_is_real(self.reconstruct_lr) and self.reconstruct_lr > 0, "reconstruct_lr", "a finite number > 0",
-               self.reconstruct_lr)
-        _check(_is_real(self.end_to_end_lr) and self.end_to_end_lr > 0, "end_to_end_lr", "a finite number > 0",
-               self.end_to_end_lr)
-        _check(_is_real(self.reconstruct_weight_lr) and self.reconstruct_weight_lr >= 0, "reconstruct_weight_lr",
-               "a finite number >= 0", self.reconstruct_weight_lr)
-        _check(self.calibration is None or (isinstance(self.calibration, str) and self.calibration != ""),
-               "calibration", "None, 'wikitext2_valid', 'generated' or a text file path", self.calibration)
+    def replace(self, **keywords: Any) -> QuantConfig:
+        """A copy with ``keywords`` applied on top of this config's stages (a stage's other fields are kept)."""
+        config = object.__new__(type(self))
+        config._set(_resolve({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, keywords))
+        return config
+
+    def _set(self, values: dict[str, Any]) -> None:
+        # lists from JSON or the CLI become tuples, so the config stays hashable; rotation 'none' is None
+        values.update({name: tuple(values[name]) for name in ("include", "exclude") if isinstance(values[name], list)})
+        values["rotation"] = None if values["rotation"] == "none" else values["rotation"]
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        _validate(self)
+        if self.mode == "sparsity" and self.planes != 1 and self.calibration is not None:
+            raise ValueError(f"QuantConfig.planes must be 1 when a calibrated run targets a sparsity "
+                             f"(mode='sparsity'), got {self.planes!r}")
 
     @classmethod
     def seed(cls) -> QuantConfig:
-        """The seed project's recipe (one scale per tensor, threshold 0.7·std(W), scale = mean kept |w|).
-
-        Kept for comparison rows: it is what gave perplexity 110,062 on GPT-2.
-        """
+        """The seed project's recipe (one scale per tensor, cut at 0.7·std(W), scale = mean kept |w|): the baseline
+        row every comparison starts from; its numbers are in results/ptq_smollm2.json."""
         return cls(mode="magnitude", alpha=0.7, threshold=None, granularity="tensor")
 
     @classmethod
@@ -144,28 +195,106 @@ class QuantConfig:
         transformers' BitNet integration holds exactly (``atq export --format hf``); usable in PTQ and QAT."""
         return cls(mode="absmean", granularity="tensor", activations="int8")
 
+    @staticmethod
+    def keywords() -> tuple[Keyword, ...]:
+        """The flat keywords (quantizer fields, then each stage field's keyword), in field order: the CLI's flags."""
+        return tuple(KEYWORDS.values())
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe and nested: each stage a dict, or None when off."""
         data = dataclasses.asdict(self)
-        data["include"] = list(self.include)
-        data["exclude"] = list(self.exclude)
+        data["include"], data["exclude"] = list(self.include), list(self.exclude)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"QuantConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        """Read ``to_dict``'s form, or the flat form stored by artifacts and results written before the stages
+        existed (there a switch at its off value, e.g. ``reconstruct_steps: 0``, drops its stage's fields)."""
+        data = _known(cls, dict(data), extra=KEYWORDS)
+        for stage, stage_class in _STAGES.items():
+            if isinstance(data.get(stage), dict):
+                data[stage] = stage_class(**_known(stage_class, data[stage]))
+            switch = _SWITCHES[stage][0]
+            if _is_off(data.get(switch.name, data.get(stage)), switch.default):
+                for name in [k.name for k in KEYWORDS.values() if k.stage == stage and k is not switch]:
+                    data.pop(name, None)
         return cls(**data)
 
-    def replace(self, **changes: Any) -> QuantConfig:
-        return dataclasses.replace(self, **changes)
+
+class Keyword(NamedTuple):
+    """One keyword of QuantConfig (and one ``atq quantize`` flag: ``--`` + name with dashes)."""
+
+    name: str
+    type: type  # int, float, str, bool, or tuple (of str)
+    default: Any  # its value when not given; for a stage's switch, the value that means "off"
+    help: str
+    stage: str | None  # the QuantConfig field of the stage it sets; None: a quantizer field
+    field: str  # the field it sets, in the stage or in QuantConfig
+    choices: tuple | None
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _keyword_table() -> tuple[dict[str, Keyword], dict[str, tuple[Keyword, str]]]:
+    """The keywords from the fields' metadata, and each stage's switch with how to turn it on."""
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    table, switches = {}, {}
+    for outer in dataclasses.fields(QuantConfig):
+        stage = outer.name if outer.name in _STAGES else None
+        for f in dataclasses.fields(_STAGES[stage]) if stage else [outer]:
+            meta = f.metadata
+            name = meta.get("keyword", f.name)
+            table[name] = Keyword(name, types.get(f.type.split(" |")[0], tuple), meta.get("off", f.default),
+                                  meta["help"], stage, f.name, meta["check"].choices)
+            if "on" in meta:
+                switches[stage] = (table[name], meta["on"])
+    return table, switches
 
 
-def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"QuantConfig.{name} must be {allowed}, got {value!r}")
+KEYWORDS, _SWITCHES = _keyword_table()
+
+
+def _is_off(value: Any, off: Any) -> bool:
+    return value is None or (off is not None and not isinstance(value, bool) and value == off)
+
+
+def _resolve(base: dict[str, Any], keywords: dict[str, Any]) -> dict[str, Any]:
+    """QuantConfig's field values: ``base`` with ``keywords`` (fields or flat stage keywords) applied on top."""
+    values, flat = dict(base), {}
+    for key, value in keywords.items():
+        if key in values and not (key == "calibration" and isinstance(value, str)):
+            values[key] = value
+        elif key in KEYWORDS:
+            flat[key] = value
+        else:
+            raise TypeError(f"QuantConfig: unknown keyword {key!r}; known: {sorted(set(values) | set(KEYWORDS))}")
+    for stage, stage_class in _STAGES.items():
+        given = {k.name: flat[k.name] for k in KEYWORDS.values() if k.stage == stage and k.name in flat}
+        switch, turn_on = _SWITCHES[stage]
+        off = _is_off(given[switch.name], switch.default) if switch.name in given else values[stage] is None
+        others = [name for name in given if name != switch.name]
+        if off and others:
+            raise ValueError(f"QuantConfig: {others[0]} sets the {stage} stage, which is off: give {turn_on}")
+        if given:
+            fields = {KEYWORDS[name].field: value for name, value in given.items()}
+            values[stage] = None if off else dataclasses.replace(values[stage] or stage_class(), **fields)
+    return values
+
+
+def _validate(obj: Any) -> None:
+    """Check every field against its metadata; the error names the field (and its flat keyword) and the range."""
+    owner = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        if not meta["check"].ok(value):
+            where = f"{owner}.{f.name}" + (f" (QuantConfig.{meta['keyword']})" if "keyword" in meta else "")
+            off = f" (QuantConfig.{meta['keyword']}={meta['off']!r} turns the stage off)" if "on" in meta else ""
+            raise ValueError(f"{where} must be {meta['check'].allowed}{off}, got {value!r}")
+
+
+def _known(cls: type, data: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``data`` if every key is a field of ``cls`` (or in ``extra``: legacy flat keywords), else a clear error."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(fields) - set(extra or ()))
+    if unknown:
+        legacy = f" and the flat keywords {[k for k in extra if k not in fields]}" if extra else ""
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {fields}{legacy}")
+    return data
