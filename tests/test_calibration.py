@@ -112,7 +112,7 @@ def test_calibration_needs_data_and_a_window(tiny_llama, char_tokenizer, tmp_pat
     with pytest.raises(DataError, match="at least one window"):
         quantize(tiny_llama, QuantConfig(), calibration=torch.zeros(0, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="QuantConfig.calibration_windows"):
-        QuantConfig(calibration_windows=0)
+        QuantConfig(calibration="given", calibration_windows=0)
     with pytest.raises(ValueError, match="QuantConfig.planes"):
         QuantConfig(planes=0)
     with pytest.raises(ValueError, match="granularity 'row' or 'group'"):
@@ -189,8 +189,8 @@ def test_end_to_end_tuning_lowers_the_kl_and_keeps_the_codes(make):
     for steps in (0, 40):
         model = make()
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
-        quantize(model, QuantConfig(calibration="given", end_to_end_steps=steps, end_to_end_lr=1e-3),
-                 calibration=windows, quiet=True)
+        tuning = {"end_to_end_steps": steps, "end_to_end_lr": 1e-3} if steps else {}
+        quantize(model, QuantConfig(calibration="given", **tuning), calibration=windows, quiet=True)
         with torch.no_grad():
             log_p = torch.log_softmax(model(windows).logits.double(), -1)
         kl[steps] = float((reference.exp() * (reference - log_p)).sum(-1).mean())
