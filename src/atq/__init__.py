@@ -7,7 +7,7 @@ Public API (names are load-bearing: docs, notebooks and checks use them)::
 
 __version__ = "0.1.0"
 
-from .config import QuantConfig
+from .config import Calibration, EndToEnd, MixedPrecision, QuantConfig, Reconstruction
 from .evaluate import evaluate, perplexity
 from .io import ArtifactError, load_quantized, save_quantized
 from .layers import PackedTernaryLinear, TernaryLinear
@@ -18,9 +18,13 @@ from .ternary import PackedTernary, TernaryTensor
 
 __all__ = [
     "ArtifactError",
+    "Calibration",
+    "EndToEnd",
+    "MixedPrecision",
     "PackedTernary",
     "PackedTernaryLinear",
     "QuantConfig",
+    "Reconstruction",
     "TernaryLinear",
     "TernaryTensor",
     "evaluate",
