@@ -17,12 +17,14 @@ RANKS = {
     "ternary": 1,
     "quantizers": 2, "kernels": 2,
     "gptq": 3, "layers": 3,
-    "surgery": 4, "capture": 4,
-    "rotation": 5, "sensitivity": 5, "tuning": 5, "compilation": 5, "stats": 5, "data": 5, "io": 5,
-    "calibration": 6, "evaluate": 6, "checkpoint": 6, "models": 6, "distill": 6,
-    "ptq": 7, "qat": 7, "export": 7,
-    "measure": 8, "flags": 8,
-    "cli": 9, "__init__": 9,
+    "surgery": 4, "capture": 4, "embedding": 4,
+    "rotation": 5, "sensitivity": 5, "tuning": 5, "compilation": 5, "stats": 5, "data": 5,
+    "io": 6, "calibration": 6, "evaluate": 6, "distill": 6,
+    "hf": 7, "checkpoint": 7,
+    "models": 8,
+    "ptq": 9, "qat": 9, "export": 9,
+    "measure": 10, "flags": 10,
+    "cli": 11, "__init__": 11,
 }
 
 

@@ -27,6 +27,7 @@ SWITCH_ON = {"calibration": {"calibration": "wikitext2_valid"}, "reconstruction"
         ("planes", 0, "QuantConfig.planes", "[1, 4]"), ("planes", 5, "QuantConfig.planes", "[1, 4]"),
         ("packing", "3bit", "QuantConfig.packing", "one of"),
         ("activations", "int4", "QuantConfig.activations", "one of"),
+        ("embedding", "q2_k", "QuantConfig.embedding", "one of"),
         ("rotation", "random", "QuantConfig.rotation", "one of"),
         ("calibration", "", "Calibration.source (QuantConfig.calibration)", "text file"),
         ("calibration_windows", 0, "Calibration.windows (QuantConfig.calibration_windows)", ">= 1"),
@@ -224,9 +225,10 @@ def test_unknown_fields_are_refused():
 
 def test_keyword_table_matches_the_fields():
     keywords = {k.name: k for k in QuantConfig.keywords()}
-    assert list(keywords)[:13] == ["mode", "sparsity", "threshold", "alpha", "granularity", "group_size", "include",
-                                   "exclude", "quantize_head", "planes", "packing", "activations", "rotation"]
-    assert len(keywords) == 27 and all(k.help for k in keywords.values())
+    assert list(keywords)[:14] == ["mode", "sparsity", "threshold", "alpha", "granularity", "group_size", "include",
+                                   "exclude", "quantize_head", "planes", "packing", "activations", "embedding",
+                                   "rotation"]
+    assert len(keywords) == 28 and all(k.help for k in keywords.values())
     for keyword in keywords.values():
         if keyword.stage is None:
             assert getattr(QuantConfig(), keyword.name) == keyword.default or keyword.name == "rotation"

@@ -22,7 +22,7 @@ def tokens(n=2, length=12):
 def test_bitnet_preset_round_trips_through_plain_transformers(tmp_path, tie):
     model = make_llama(tie=tie)
     quantize(model, QuantConfig.bitnet(), quiet=True)
-    save_quantized(model, tmp_path / "atq")
+    save_quantized(model, tmp_path / "atq", dtype="float32")
     atq_model = load_quantized(tmp_path / "atq")  # through the artifact, as a user would
     report = export_hf(atq_model, tmp_path / "hf")
     assert report["ternary_layers"] == 14

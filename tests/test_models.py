@@ -9,7 +9,7 @@ def test_local_directory_and_artifact_sources(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(str(tiny_model_dir))
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     quantize(model, QuantConfig(), quiet=True)
-    save_quantized(model, tmp_path / "artifact", tokenizer=tokenizer)
+    save_quantized(model, tmp_path / "artifact", tokenizer=tokenizer, dtype="float32")
     loaded, loaded_tokenizer = load_model(str(tmp_path / "artifact"))
     ids = torch.tensor([tokenizer("the quick brown fox").input_ids])
     with torch.no_grad():

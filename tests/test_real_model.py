@@ -45,7 +45,7 @@ def test_quantize_save_load_gives_identical_logits(smollm2_model, tmp_path):
     assert len(ternary) == 30 * 7
     assert ternary[0]["shape"] == [576, 576] and ternary[0]["group_size"] == 128  # 4 full groups + one of 64
     assert model.model.layers[0].self_attn.q_proj.scales.shape == (576, 5)
-    save_quantized(model, tmp_path / "smollm2-atq", tokenizer=tokenizer)
+    save_quantized(model, tmp_path / "smollm2-atq", tokenizer=tokenizer, dtype="float32")
     loaded = load_quantized(tmp_path / "smollm2-atq")
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -50,11 +50,37 @@ def test_rotated_model_computes_the_same_function(kind, tie):
     rotate_model(rotated, kind)
     with torch.no_grad():
         torch.testing.assert_close(rotated(ids).logits, model(ids).logits, rtol=0, atol=1e-5)  # RMSNorm computes in fp32
-    # the weights themselves did change, every norm gain is now 1, and a tied head is untied
+    # the blocks' weights did change and their norm gains are now 1; the embedding, the head (still one tensor
+    # when tied) and the final norm are untouched: the stream is rotated where it enters and leaves
     assert not torch.allclose(rotated.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
-    assert all(float((p - 1).abs().max()) == 0 for n, p in rotated.named_parameters() if n.endswith("norm.weight"))
-    assert rotated.lm_head.weight is not rotated.model.embed_tokens.weight
-    assert rotated.config.tie_word_embeddings is False
+    assert all(float((p - 1).abs().max()) == 0 for n, p in rotated.named_parameters()
+               if n.endswith("layernorm.weight"))
+    assert (rotated.lm_head.weight is rotated.model.embed_tokens.weight) == tie
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(rotated.get_parameter(name), model.get_parameter(name))
+    q = rotated.model.atq_rotation.matrix.double()
+    torch.testing.assert_close(q @ q.T, torch.eye(48, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_folded_stream_is_the_same_function_without_hooks():
+    """What llama.cpp gets: Q folded into an untied embedding and head, the final gain into the head."""
+    from atq.rotation import folded_stream
+
+    model = _non_unit_norms(make_llama(seed=2, hidden=48, tie=True)).double()
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        rotate_model(model, "hadamard")
+        embedding, head, gain = folded_stream(model)
+    plain = make_llama(seed=2, hidden=48, tie=False).double()
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if "layers." in name:
+                plain.get_parameter(name).copy_(value)
+        plain.model.embed_tokens.weight.copy_(embedding)
+        plain.lm_head.weight.copy_(head)
+        plain.model.norm.weight.copy_(gain)
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=1e-5)
 
 
 def test_rotation_refuses_what_it_cannot_rotate(tiny_gpt2, tiny_llama):
@@ -62,6 +88,10 @@ def test_rotation_refuses_what_it_cannot_rotate(tiny_gpt2, tiny_llama):
         rotate_model(tiny_gpt2, "hadamard")
     with pytest.raises(ValueError, match="rotation must be one of"):
         rotate_model(tiny_llama, "spin")
+    rotated = make_llama(seed=4)
+    rotate_model(rotated, "hadamard")
+    with pytest.raises(ValueError, match="already rotated"):
+        rotate_model(rotated, "hadamard")
     quantize(tiny_llama, QuantConfig())
     with pytest.raises(ValueError, match="rotate before quantizing"):
         check_rotatable(tiny_llama)
@@ -75,7 +105,7 @@ def test_quantize_with_rotation_round_trips(tmp_path, char_tokenizer):
     report = quantize(model, config, calibration=windows)
     # the report's error is measured against the rotated FP weights, the ones that were ternarised
     assert all(row["rel_error"] < 1.0 for row in report if row["precision"] == "ternary")
-    save_quantized(model, tmp_path / "artifact", char_tokenizer)
+    save_quantized(model, tmp_path / "artifact", char_tokenizer, dtype="float32")
     loaded = load_quantized(tmp_path / "artifact")
     with torch.no_grad():
         torch.testing.assert_close(loaded(windows).logits, model(windows).logits, rtol=0, atol=0)

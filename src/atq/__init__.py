@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 from .config import Calibration, EndToEnd, MixedPrecision, QuantConfig, Reconstruction
 from .evaluate import evaluate, perplexity
-from .io import ArtifactError, load_quantized, save_quantized
+from .hf import load_quantized  # registers ATQ's quantizer with transformers
+from .io import ArtifactError, save_quantized
 from .layers import PackedTernaryLinear, TernaryLinear
 from .models import load_model, smollm2
 from .ptq import quantize, quantize_model

@@ -27,7 +27,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
                     state: dict[str, Any]) -> Path:
     """Atomic training checkpoint: model (latent weights), optimizer and ``state`` (step, log, config)."""
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, has_checkpoint) as tmp:  # replaces only an earlier checkpoint
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
                    tmp / TRAIN_STATE)
     return directory

@@ -1,9 +1,8 @@
 """QuantConfig: the one description of how a model is ternarised, stored with every artifact (``to_dict``).
 
 The quantizer fields are flat; each optional stage of calibrated PTQ is a frozen dataclass where ``None`` means
-off, so a setting exists only where it acts. Everything is validated on construction (the error names the field
-and the allowed range), so a bad value fails where the user typed it. The flat keywords of the stage fields
-(``calibration_windows=``, ``reconstruct_steps=`` ...) stay: they are the README's recipes and the CLI's flags.
+off, so a setting exists only where it acts. Validated on construction (errors name the field and the range).
+The stage fields' flat keywords (``reconstruct_steps=`` ...) stay: they are the README's recipes and CLI flags.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from typing import Any, NamedTuple
 MODES = ("sparsity", "magnitude", "mse", "absmean")
 GRANULARITIES = ("tensor", "row", "group")
 ROTATIONS = ("none", "hadamard", "orthogonal")  # "none" is stored as None
+EMBEDDINGS = ("fp", "q8_0", "q4_0")  # embedding.py: llama.cpp's Q8_0 / Q4_0 blocks
 COMPILE_MODES = ("off", "blocks", "model")  # TrainConfig.compile (qat.py)
 
 
@@ -131,9 +131,8 @@ class QuantConfig:
     """How to ternarise each selected linear layer, and which optional stages of calibrated PTQ run.
 
     Keywords: the fields and the stage fields' flat keywords (``keywords()``); ``calibration`` also takes a source
-    string. Calibrated, ``sparsity`` mode keeps its per-group zero fraction; the other modes round each column to
-    the nearest level of the group's fitted grid. Stages that need calibration windows may get them from
-    ``quantize(calibration=windows)`` instead of a calibration stage.
+    string. Calibrated, ``sparsity`` mode keeps its per-group zero fraction; the other modes round to the nearest
+    level of the group's grid. Stages needing windows may get them from ``quantize(calibration=windows)``.
     """
 
     mode: str = _field("mse", "sparsity: zero the smallest |w| of each scale group; magnitude: |w| <= threshold "
@@ -155,6 +154,8 @@ class QuantConfig:
                           "trit)", _choice(("2bit", "base3")))
     activations: str = _field("fp", "fp, or int8: each ternary layer's input quantized per token (absmax), as "
                               "BitNet runtimes do", _choice(("fp", "int8")))
+    embedding: str = _field("fp", "fp, or q8_0 / q4_0: the embedding and LM head in llama.cpp's 8 / 4-bit blocks",
+                            _choice(EMBEDDINGS))
     rotation: str | None = _field(None, "rotate a Llama-family model first by orthogonal matrices fused into its "
                                   "weights (same function, outliers spread over every group)",
                                   _choice(ROTATIONS, optional=True))
@@ -191,8 +192,8 @@ class QuantConfig:
 
     @classmethod
     def bitnet(cls) -> QuantConfig:
-        """BitNet b1.58 (W1.58·A8): one absmean scale per tensor, int8 per-token activations. The layout that
-        transformers' BitNet integration holds exactly (``atq export --format hf``); usable in PTQ and QAT."""
+        """BitNet b1.58 (W1.58·A8): one absmean scale per tensor, int8 activations: what transformers' BitNet
+        integration holds exactly (``atq export --format hf``)."""
         return cls(mode="absmean", granularity="tensor", activations="int8")
 
     @staticmethod
@@ -200,8 +201,7 @@ class QuantConfig:
         """The flat keywords (quantizer fields, then each stage field's keyword), in field order: the CLI's flags."""
         return tuple(KEYWORDS.values())
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe and nested: each stage a dict, or None when off."""
+    def to_dict(self) -> dict[str, Any]:  # JSON-safe and nested: each stage a dict, or None when off
         data = dataclasses.asdict(self)
         data["include"], data["exclude"] = list(self.include), list(self.exclude)
         return data

@@ -1,16 +1,20 @@
-"""Save and load quantized models: safetensors + JSON + sha256 of every file, atomic writes, no pickle.
+"""ATQ artifacts: a Hugging Face checkpoint directory plus ATQ's checksums.
 
-An artifact directory holds
-  ``model.safetensors``  packed uint8 codes (``<layer>.packed``), fp16 scales (``<layer>.scales``), biases and
-                         every tensor that stays floating point (tied tensors once, their aliases in the JSON);
-  tokenizer files        when a tokenizer is given, so the artifact evaluates without its source;
-  ``atq_config.json``    format version, package version, QuantConfig, the HF model config, per-layer
-                         packed-weight metadata and precision, and the sha256 and size of every other file.
-The model is rebuilt from the stored HF config, so loading needs neither the hub nor the original files.
+``save_quantized`` writes
+  ``config.json``          the model's HF config with a ``quantization_config`` (``quant_method: "atq"``): format
+                           version, every ternary module's packed-weight metadata, the rotation, how the embedding
+                           is stored, the recipe (QuantConfig), the layers kept FP and the model's source;
+  ``model.safetensors``    packed uint8 codes (``<layer>.packed``), fp16 scales (``<layer>.scales``), and every
+                           other tensor once, floating-point ones in the storage dtype (bf16 by default);
+  ``generation_config.json`` and the tokenizer files, when the model and a tokenizer have them;
+  ``atq_checksums.json``   sha256 and size of every other file, and a digest of its own list.
+``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads it after ``import atq`` (hf.py registers the
+quantizer that builds the skeleton below); ``atq.load_quantized`` checks every checksum first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,15 +23,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import QuantConfig
+from .embedding import QuantizedEmbedding, quantized_embedding_frames
 from .files import atomic_directory, sha256_file
 from .layers import PackedTernaryLinear
+from .rotation import attach_stream_rotation
 from .surgery import set_module
 from .ternary import PackedTernary
 
-FORMAT_VERSION = 1
-ARTIFACT_CONFIG = "atq_config.json"
+FORMAT_VERSION = 2
+CHECKSUMS = "atq_checksums.json"
+OLD_CONFIG = "atq_config.json"  # format 1 (ATQ 0.1): its own JSON instead of an HF config
 WEIGHTS_FILE = "model.safetensors"
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class ArtifactError(ValueError):
@@ -40,49 +47,72 @@ def _package_version() -> str:
     return __version__
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """Write ``model`` (after ``quantize``) to ``directory`` atomically; returns the directory.
+def is_artifact(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds an ATQ artifact (this format or the old one): what a save may replace."""
+    path = Path(path)
+    return (path / CHECKSUMS).is_file() or (path / OLD_CONFIG).is_file()
 
-    Everything is written into a temporary sibling directory first and swapped in at the end, so an
-    interrupted save leaves any previous artifact at ``directory`` untouched.
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None, *,
+                   dtype: str = "bfloat16", overwrite: bool = False) -> Path:
+    """Write ``model`` (after ``quantize``) to ``directory`` as an HF checkpoint; returns the directory.
+
+    ``dtype``: how floating-point tensors other than ternary scales are stored (``bfloat16``, ``float16``,
+    ``float32``). The directory is published atomically; an existing one is replaced only if it is an ATQ
+    artifact (or ``overwrite``), so a save never deletes what it did not write.
     """
     from safetensors.torch import save_file
 
-    config: QuantConfig | None = getattr(model, "atq_config", None)
-    if config is None:
+    if getattr(model, "atq_config", None) is None:
         raise ValueError("save_quantized: the model has not been quantized (call atq.quantize first)")
-    directory = Path(directory)
-    tensors, aliases = unique_state_dict(model)
-    layers = {
-        name: {"precision": "ternary", **m.weight.metadata(), "bias": m.bias is not None, "activations": m.activations}
-        for name, m in model.named_modules() if isinstance(m, PackedTernaryLinear)
-    }
-    for row in getattr(model, "atq_report", []):
-        layers.setdefault(row["name"], {"precision": row["precision"]})
-
-    with atomic_directory(directory) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "atq", "format_version": str(FORMAT_VERSION)})
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"save_quantized: dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    tensors = stored_tensors(model, STORAGE_DTYPES[dtype])
+    hf_config = model.config.__class__.from_dict(model.config.to_dict())
+    hf_config.quantization_config = quantization_config(model, dtype)
+    hf_config.dtype = dtype
+    if isinstance(model.get_input_embeddings(), QuantizedEmbedding):
+        hf_config.tie_word_embeddings = False  # the skeleton shares the blocks itself (quantization_config)
+    with atomic_directory(directory, lambda path: overwrite or is_artifact(path)) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        hf_config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        files = {
-            str(f.relative_to(tmp)): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-            for f in sorted(tmp.rglob("*")) if f.is_file()
-        }
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "atq_version": _package_version(),
-            "quant_config": config.to_dict(),
-            "model_class": type(model).__name__,
-            "model_config": model.config.to_dict(),
-            "attn_implementation": getattr(model.config, "_attn_implementation", None),
-            "dtype": str(_fp_dtype(model)).removeprefix("torch."),
-            "source": getattr(model, "atq_source", None),
-            "layers": layers,
-            "tied": aliases,
-            "files": files,
-        }
-        (tmp / ARTIFACT_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
-    return directory
+        write_checksums(tmp)
+    return Path(directory)
+
+
+def quantization_config(model: nn.Module, dtype: str) -> dict[str, Any]:
+    """The ``quantization_config`` of ``config.json``: everything the skeleton and the reports need."""
+    modules = {name: {**m.qweight.metadata(), "bias": m.bias is not None, "activations": m.activations}
+               for name, m in model.named_modules() if isinstance(m, PackedTernaryLinear)}
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    return {
+        "quant_method": "atq", "format_version": FORMAT_VERSION, "atq_version": _package_version(),
+        "modules": modules,
+        "fp_layers": [r["name"] for r in getattr(model, "atq_report", []) if r["precision"] == "fp"],
+        "rotation": model.atq_config.rotation if hasattr(getattr(model, "model", None), "atq_rotation") else None,
+        "embedding": embedding.kind if isinstance(embedding, QuantizedEmbedding) else dtype,
+        "embedding_tied": getattr(head, "embedding", None) is embedding,
+        "recipe": model.atq_config.to_dict(),
+        "source": getattr(model, "atq_source", None),
+    }
+
+
+def stored_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the state dict once (tied aliases dropped), floating-point ones in ``dtype`` except those
+    their module keeps in a fixed dtype (ternary and embedding scales in fp16, the rotation in fp32)."""
+    modules = dict(model.named_modules())
+    tensors, _ = unique_state_dict(model)
+    for name, tensor in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        fixed = leaf in getattr(modules.get(owner), "fixed_dtype_buffers", ())
+        if tensor.is_floating_point() and not fixed:
+            tensors[name] = tensor.to(dtype)
+    return tensors
 
 
 def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -100,84 +130,91 @@ def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, aliases
 
 
-def _fp_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+def _digest(files: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def read_artifact_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``atq_config.json`` and the checksum of every file it lists."""
+def write_checksums(directory: Path) -> None:
+    files = {str(f.relative_to(directory)): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+             for f in sorted(directory.rglob("*")) if f.is_file() and f.name != CHECKSUMS}
+    payload = {"format_version": FORMAT_VERSION, "files": files, "digest": _digest(files)}
+    (directory / CHECKSUMS).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def verify_checksums(directory: str | os.PathLike) -> None:
+    """Raise ArtifactError naming the first missing, truncated or altered file (the checksum list included)."""
     directory = Path(directory)
-    path = directory / ARTIFACT_CONFIG
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing; not an ATQ artifact directory")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{path}: not valid JSON ({error}); the file is truncated or corrupted") from error
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION:
+    path = directory / CHECKSUMS
+    if (directory / OLD_CONFIG).is_file() and not path.is_file():
         raise ArtifactError(
-            f"{path}: written with artifact format version {version!r}; this ATQ ({_package_version()}) reads "
-            f"version {FORMAT_VERSION}. Re-quantize the model with this version."
-        )
-    for name, expected in meta.get("files", {}).items():
+            f"{directory}: an artifact of ATQ 0.1 (format 1, {OLD_CONFIG}); this ATQ ({_package_version()}) reads "
+            f"format {FORMAT_VERSION}, a Hugging Face checkpoint. Quantize the source model again with this version: "
+            f"the recipe is the 'quant_config' of {OLD_CONFIG} (atq.QuantConfig.from_dict reads it).")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; not an ATQ artifact directory (atq.save_quantized writes one)")
+    try:
+        payload = json.loads(path.read_text())
+        files = payload["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ArtifactError(f"{path}: unreadable ({error}); the file is truncated or corrupted") from error
+    if payload.get("digest") != _digest(files):
+        raise ArtifactError(f"{path}: its list of checksums was altered or corrupted")
+    for name, expected in files.items():
         file = directory / name
         if not file.is_file():
-            raise ArtifactError(f"{file}: missing (listed in {ARTIFACT_CONFIG})")
+            raise ArtifactError(f"{file}: missing (listed in {CHECKSUMS})")
         if file.stat().st_size != expected["bytes"]:
-            raise ArtifactError(
-                f"{file}: {file.stat().st_size} bytes, expected {expected['bytes']}; the file is truncated or altered"
-            )
+            raise ArtifactError(f"{file}: {file.stat().st_size} bytes, expected {expected['bytes']}; truncated or altered")
         if sha256_file(file) != expected["sha256"]:
             raise ArtifactError(f"{file}: sha256 mismatch; the file was altered or corrupted")
-    if WEIGHTS_FILE not in meta.get("files", {}):
-        raise ArtifactError(f"{path}: lists no {WEIGHTS_FILE}")
-    return meta
 
 
-def load_quantized(directory: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
-    """Rebuild the quantized model saved in ``directory``; its logits equal the saved model's bit for bit."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+def check_consistent(qconfig: dict[str, Any], weights_file: str | os.PathLike) -> None:
+    """Raise ArtifactError naming the field when ``quantization_config`` does not describe the tensors in
+    ``weights_file`` (shapes from its header only): an edited config fails here, before anything loads."""
+    from safetensors import SafetensorError, safe_open
 
-    directory = Path(directory)
-    meta = read_artifact_config(directory)
-    model_config = dict(meta["model_config"])
-    hf_config = AutoConfig.for_model(model_config.pop("model_type"), **model_config)
-    kwargs = {"attn_implementation": meta["attn_implementation"]} if meta.get("attn_implementation") else {}
-    model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
-    if type(model).__name__ != meta["model_class"]:
-        raise ArtifactError(f"{directory}: config builds {type(model).__name__}, artifact holds {meta['model_class']}")
-    model.to(getattr(torch, meta["dtype"]))
-    dtype = getattr(torch, meta["dtype"])
-    for name, layer in meta["layers"].items():
-        if layer["precision"] == "ternary":
-            bias = torch.zeros(layer["out_features"], dtype=dtype) if layer["bias"] else None
-            frame = PackedTernary.from_metadata({"packing": layer.get("layout", "2bit"), **layer})  # 'layout': <= 0.1
-            set_module(model, name, PackedTernaryLinear(frame, bias,
-                                                        layer.get("activations", "fp")))
     try:
-        tensors = load_file(str(directory / WEIGHTS_FILE))
-    except SafetensorError as error:
-        raise ArtifactError(f"{directory / WEIGHTS_FILE}: unreadable safetensors file ({error})") from error
+        with safe_open(str(weights_file), "pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        raise ArtifactError(f"{weights_file}: unreadable safetensors file ({error})") from error
+    for name, layer in qconfig["modules"].items():
+        try:
+            frame = PackedTernary.from_metadata(layer, device="meta")
+        except (KeyError, TypeError, ValueError) as error:
+            raise ArtifactError(f"quantization_config.modules[{name!r}]: {error!r}") from error
+        for key, expected in (("packed", frame.packed.shape), ("scales", frame.scales.shape)):
+            stored = shapes.get(f"{name}.{key}")
+            if stored != tuple(expected):
+                raise ArtifactError(
+                    f"quantization_config.modules[{name!r}] ({layer}) describes {key} of shape {tuple(expected)}, "
+                    f"but {Path(weights_file).name} holds {stored}: the config was edited or belongs to other weights")
+
+
+def build_skeleton(model: nn.Module, qconfig: dict[str, Any]) -> None:
+    """Turn a freshly built (possibly meta-device) HF model into the frame the artifact's tensors load into:
+    packed ternary layers, the stream rotation, the block-quantized embedding."""
+    dtype = next(model.parameters()).dtype
+    for name, layer in qconfig["modules"].items():
+        bias = torch.zeros(layer["out_features"], dtype=dtype) if layer["bias"] else None
+        set_module(model, name, PackedTernaryLinear(PackedTernary.from_metadata(layer), bias, layer["activations"]))
+        # every tensor of the parent comes from the file: transformers' weight init (GPT-2's re-initialises its
+        # c_proj.weight through the parent) must not touch it
+        model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
+    if qconfig.get("rotation"):
+        hidden = model.get_input_embeddings().embedding_dim
+        attach_stream_rotation(model, torch.zeros(hidden, hidden, dtype=torch.float32))
+    if qconfig["embedding"] in ("q8_0", "q4_0"):
+        quantized_embedding_frames(model, qconfig["embedding"], qconfig["embedding_tied"], dtype)
+
+
+def check_loaded(model: nn.Module) -> None:
+    """Raise if a loaded packed layer holds codes no packing produces (corruption the checksums cannot see in
+    a checkpoint written without them, e.g. by save_pretrained)."""
     for name, module in model.named_modules():
         if isinstance(module, PackedTernaryLinear):
-            PackedTernary(tensors[f"{name}.packed"], tensors[f"{name}.scales"], module.group_size,
-                          module.in_features, module.packing).check(f"{WEIGHTS_FILE}:{name}.packed")
-    result = model.load_state_dict(tensors, strict=False)
-    missing = set(result.missing_keys) - set(meta["tied"])
-    if missing or result.unexpected_keys:
-        raise ArtifactError(
-            f"{directory / WEIGHTS_FILE}: does not match the model (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(result.unexpected_keys)[:5]})"
-        )
-    state = model.state_dict(keep_vars=True)
-    for alias, target in meta["tied"].items():
-        if state[alias].data_ptr() != state[target].data_ptr():
-            with torch.no_grad():
-                state[alias].copy_(state[target])
-    model.atq_config = QuantConfig.from_dict(meta["quant_config"])
-    model.atq_report = [{"name": n, **v} for n, v in meta["layers"].items()]
-    model.atq_source = meta.get("source")
-    return model.to(device or "cpu").eval()
+            try:
+                module.qweight.check(f"{WEIGHTS_FILE}:{name}.packed")
+            except ValueError as error:
+                raise ArtifactError(str(error)) from error

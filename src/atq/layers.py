@@ -34,13 +34,31 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return straight_through(x, (x * scale).round().clamp(-128, 127) / scale)
 
 
-class PackedTernaryLinear(nn.Module):
-    """Inference layer holding one ``PackedTernary`` (``.weight``) and an optional bias.
+class FixedDtypeBuffers:
+    """Mixin: the buffers named in ``fixed_dtype_buffers`` keep their dtype through ``.to(dtype)``, ``.half()``
+    and the like (devices still move). They hold stored values (fp16 scales): a cast to bf16 would change them."""
+
+    fixed_dtype_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse: bool = True):
+        kept = {name: self._buffers[name] for name in self.fixed_dtype_buffers if self._buffers.get(name) is not None}
+        result = super()._apply(fn, recurse)
+        for name, original in kept.items():
+            if self._buffers[name].dtype != original.dtype:
+                self._buffers[name] = original.to(self._buffers[name].device)
+        return result
+
+
+class PackedTernaryLinear(FixedDtypeBuffers, nn.Module):
+    """Inference layer holding one ``PackedTernary`` (``.qweight``) and an optional bias.
 
     The packed codes and scales are registered as buffers (``<name>.packed``, ``<name>.scales`` in the state
     dict, so ``.to()``, CUDA graphs and safetensors see plain tensors); ``weight`` presents them with their
-    metadata as the one packed-weight type that kernels, artifacts and exports take.
+    metadata as the one packed-weight type that kernels, artifacts and exports take. It is not called ``weight``:
+    transformers and other libraries read ``.weight`` of linear layers as a tensor.
     """
+
+    fixed_dtype_buffers = ("scales",)
 
     def __init__(self, weight: PackedTernary, bias: torch.Tensor | None = None, activations: str = "fp") -> None:
         super().__init__()
@@ -51,7 +69,7 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone().to(weight.device))
 
     @property
-    def weight(self) -> PackedTernary:
+    def qweight(self) -> PackedTernary:
         return PackedTernary(self.packed, self.scales, self.group_size, self.in_features, self.packing)
 
     @property
@@ -59,15 +77,15 @@ class PackedTernaryLinear(nn.Module):
         return self.packed.shape[0] if self.packed.dim() == 3 else 1
 
     def ternary(self) -> TernaryTensor:
-        return self.weight.ternary()
+        return self.qweight.ternary()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.weight.dequantize(dtype)
+        return self.qweight.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations == "int8":
             x = quantize_activations(x)
-        return ternary_linear(x, self.weight, self.bias)
+        return ternary_linear(x, self.qweight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
@@ -85,7 +103,7 @@ class TernaryLinear(nn.Module):
       ``lsq``     one plane, codes round(clamp(w/α, -1, 1)) and an LSQ gradient for α (ParetoQ's choice for
                   ternary QAT);
       ``rule``    scales recomputed from the latent weights each step by ``config``'s PTQ rule (no trained α).
-    Learned scales enter the forward at the fp16 value the artifact will store, so the frozen layer is exact.
+    LSQ scales enter the forward at the fp16 value the artifact will store, so the frozen QAT layer is exact.
     ``dead_zone_bias`` (Tequila) adds λ·Σ of each row's zero-coded latent weights as a bias, so weights trapped
     in the dead zone get a real gradient; ``freeze`` folds it into a constant bias.
     """
@@ -119,9 +137,12 @@ class TernaryLinear(nn.Module):
                    dead_zone_bias=dead_zone_bias)
 
     def _alpha(self) -> torch.Tensor:
-        """The learned scales as the forward sees them: their stored fp16 value (under autograd with the
-        gradient passed to the fp32 parameter); for LSQ also kept positive, since w/α divides by them."""
-        alpha = self.scales.abs().clamp(min=_MIN_SCALE) if self.rounding == "lsq" else self.scales
+        """The learned scales as the forward sees them. LSQ: kept positive (w/α divides by them) and at their
+        stored fp16 value (gradient to the fp32 parameter), so QAT trains exactly the model it will store.
+        PTQ tuning (``fixed``, ``nearest``): the fp32 parameter itself; ``freeze`` rounds it to fp16."""
+        if self.rounding != "lsq":
+            return self.scales if torch.is_grad_enabled() else self.scales.detach()
+        alpha = self.scales.abs().clamp(min=_MIN_SCALE)
         stored = alpha.to(SCALE_DTYPE).float()
         return straight_through(alpha, stored) if torch.is_grad_enabled() else stored
 

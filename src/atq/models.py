@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .files import sha256_file
-from .io import ARTIFACT_CONFIG, load_quantized
+from .hf import load_quantized
+from .io import is_artifact
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(resolve_source(source))
-    if path.is_dir() and (path / ARTIFACT_CONFIG).is_file():
-        model = load_quantized(path, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    if path.is_dir() and is_artifact(path):
+        model = load_quantized(path, device=device, dtype=dtype)  # its atq_source: the model it was made from
+        return model, AutoTokenizer.from_pretrained(path)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -91,14 +92,9 @@ def load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else source)
         tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else source)
-    model = model.to(dtype=dtype) if not _is_quantized(model) else model
-    model.to(device or "cpu").eval()
+    model.to(device=device or "cpu", dtype=dtype).eval()
     model.atq_source = source
     return model, tokenizer
-
-
-def _is_quantized(model: nn.Module) -> bool:
-    return hasattr(model, "atq_config")
 
 
 def _require_gguf() -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Calibration, QuantConfig
+from .embedding import quantize_embeddings
 from .layers import PackedTernaryLinear
 from .quantizers import fit_ternary
 from .rotation import check_rotatable, rotate_model
@@ -48,6 +49,10 @@ def quantize(
     for name, weight in weights.items():
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}.weight contains NaN/Inf values; ternarisation needs finite weights")
+    width = getattr(model.get_input_embeddings(), "embedding_dim", 0)
+    if config.embedding != "fp" and width % 32:
+        raise ValueError(f"QuantConfig.embedding={config.embedding!r} stores rows in blocks of 32; this model's "
+                         f"embedding is {width} wide: use embedding='fp'")
     if config.rotation is not None:
         check_rotatable(model)  # before the calibration data: a refusal must come before any slow work
     windows = calibration_windows(model, config, calibration, tokenizer)
@@ -66,6 +71,7 @@ def quantize(
     for row in report:
         if row["name"] in scores:
             row["sensitivity"] = scores[row["name"]]
+    quantize_embeddings(model, config.embedding)
     model.atq_config = config
     model.atq_report = report
     log.info("ternarised %d linear layers", len(layers))

@@ -5,14 +5,16 @@ Why: a few large weights and input channels set each group's scale, and everythi
 Mixing every input channel with every other through a random orthogonal Q spreads those outliers over the
 group ("incoherence processing", QuIP), while the model's output stays the same up to float rounding:
 
-* the residual stream is rotated, h -> h·Q: the embedding becomes E·Q, every layer that reads the stream
-  W·Q (q/k/v, gate/up, the head), every layer that writes it Qᵀ·W (o, down). RMSNorm commutes with Q once
-  its gain has been folded into the layers after it (rms(h·Q) = rms(h)), so every gain becomes 1;
+* the residual stream inside the decoder is rotated, h -> h·Q: every layer that reads it becomes W·Q (q/k/v,
+  gate/up), every layer that writes it Qᵀ·W (o, down). RMSNorm commutes with Q once its gain has been folded
+  into the layers after it (rms(h·Q) = rms(h)), so the blocks' gains become 1;
+* the stream is rotated where it enters (embeddings · Q) and un-rotated where it leaves (· Qᵀ before the final
+  norm): two d x d products per token, by forward hooks, so the embedding and the head stay one tied tensor,
+  unrotated, and the final norm keeps its gain. (Folding Q into them instead would untie the head: a second FP
+  copy of the embedding.) Q is a buffer of the model (``model.model.atq_rotation.matrix``), saved with it;
 * each attention head's values are rotated by a second R (head_dim wide): v_proj's rows per key-value head
   Rᵀ·W_v, o_proj's columns per head W_o·R; attention mixes value vectors linearly, so R passes through.
 
-Nothing runs at inference time: the rotated model is a plain model of the same class. A tied head is untied
-(it now differs from the embedding by the final norm's gain), which costs one FP copy of the embedding.
 down_proj's input is not rotated: that needs an online rotation at inference (QuaRot's online Hadamard).
 
 Rotations: ``hadamard`` (a Hadamard matrix times random signs, scaled to be orthogonal: the flattest mixing,
@@ -22,10 +24,13 @@ which SpinQuant found better than random orthogonal) for widths with a construct
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from .config import ROTATIONS
+from .layers import FixedDtypeBuffers
 from .surgery import LLAMA_LINEARS, decoder_blocks
 
 _NORM_SUFFIX = "RMSNorm"
@@ -116,6 +121,8 @@ def check_rotatable(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Mo
     """Raise ValueError if ``rotate_model`` cannot rotate ``model``; touches nothing. Returns (base model,
     decoder layers, head)."""
     base, layers, head = _llama_parts(model)
+    if hasattr(base, "atq_rotation"):
+        raise ValueError("the model is already rotated (model.model.atq_rotation): rotate an FP model once")
     for layer in layers:
         if not all(isinstance(layer.get_submodule(p), nn.Linear) for p in _PROJECTIONS):
             raise ValueError("rotation needs FP nn.Linear projections: rotate before quantizing, not after")
@@ -133,7 +140,7 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> Non
         raise ValueError(f"rotation must be one of {ROTATIONS}, got {kind!r}")
     if kind == "none":
         return
-    base, layers, head = check_rotatable(model)
+    base, layers, _ = check_rotatable(model)
     hidden = base.embed_tokens.weight.shape[1]
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     device = base.embed_tokens.weight.device
@@ -148,12 +155,6 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> Non
         if linear.bias is not None:
             _set(linear.bias, linear.bias.double() @ q)
 
-    if head.weight is base.embed_tokens.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
-        if hasattr(model.config, "get_text_config"):
-            model.config.get_text_config().tie_word_embeddings = False
-    _set(base.embed_tokens.weight, base.embed_tokens.weight.double() @ q)
     for layer in layers:
         attention, mlp = layer.self_attn, layer.mlp
         gain = layer.input_layernorm.weight.double()
@@ -173,5 +174,62 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> Non
         reads(mlp.up_proj, gain)
         layer.post_attention_layernorm.weight.fill_(1.0)
         writes(mlp.down_proj)
-    reads(head, base.norm.weight.double())
-    base.norm.weight.fill_(1.0)
+    attach_stream_rotation(model, q.float())
+
+
+class StreamRotation(FixedDtypeBuffers, nn.Module):
+    """Holds Q (fp32 whatever the model's dtype: it is applied in at least fp32) for the two hooks."""
+
+    fixed_dtype_buffers = ("matrix",)
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("matrix", matrix)
+
+    def apply(self, hidden: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        matrix = self.matrix.T if transpose else self.matrix
+        dtype = torch.promote_types(hidden.dtype, matrix.dtype)
+        return (hidden.to(dtype) @ matrix.to(dtype)).to(hidden.dtype)
+
+
+def _enter(rotation: StreamRotation, base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of the base model: its embeddings (looked up here, or given) enter rotated."""
+    kwargs = dict(kwargs)
+    ids = args[0] if args else kwargs.get("input_ids")
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = base.get_input_embeddings()(ids)
+    kwargs["inputs_embeds"], kwargs["input_ids"] = rotation.apply(embeds), None
+    return (), kwargs
+
+
+def _leave(rotation: StreamRotation, norm: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of the final norm: the stream leaves un-rotated."""
+    return (rotation.apply(args[0], transpose=True), *args[1:])
+
+
+def attach_stream_rotation(model: nn.Module, matrix: torch.Tensor) -> None:
+    """Rotate ``model``'s residual stream by ``matrix`` where it enters and leaves the decoder (the hooks above);
+    also what loading a rotated artifact calls, with the matrix to be filled from the file."""
+    base = model.model
+    if hasattr(base, "atq_rotation"):
+        raise ValueError("the model is already rotated")
+    base.atq_rotation = StreamRotation(matrix.to(base.norm.weight.device))
+    base.register_forward_pre_hook(functools.partial(_enter, base.atq_rotation), with_kwargs=True)
+    base.norm.register_forward_pre_hook(functools.partial(_leave, base.atq_rotation))
+
+
+def folded_stream(model: nn.Module, embedding: torch.Tensor | None = None,
+                  head: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(embedding, head, final-norm gain) with the stream rotation folded in (E·Q, (W·diag(g))·Q, ones), for
+    runtimes that cannot run the hooks (llama.cpp); the plain weights when ``model`` is not rotated.
+    ``embedding``/``head``: their dense weights where the modules hold them otherwise (block-quantized)."""
+    base = model.model
+    embedding = base.get_input_embeddings().weight.detach() if embedding is None else embedding
+    head = model.get_output_embeddings().weight.detach() if head is None else head
+    gain = base.norm.weight.detach()
+    if not hasattr(base, "atq_rotation"):
+        return embedding, head, gain
+    q = base.atq_rotation.matrix.double()
+    return ((embedding.double() @ q).to(embedding.dtype), ((head.double() * gain.double()) @ q).to(head.dtype),
+            torch.ones_like(gain))

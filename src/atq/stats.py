@@ -30,8 +30,8 @@ def model_stats(model: nn.Module) -> dict[str, float | int]:
         if isinstance(module, PackedTernaryLinear):
             ternary_layers += 1
             ternary_weights += module.in_features * module.out_features
-            ternary_bytes += module.weight.nbytes()
-            zero_codes += round(module.weight.ternary().sparsity() * module.in_features * module.out_features)
+            ternary_bytes += module.qweight.nbytes()
+            zero_codes += round(module.qweight.ternary().sparsity() * module.in_features * module.out_features)
             fp_params += module.bias.numel() if module.bias is not None else 0
     fp_params += sum(p.numel() for p in model.parameters())  # unique parameters: tied weights count once
     original = ternary_weights + fp_params

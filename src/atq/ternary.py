@@ -136,8 +136,11 @@ class PackedTernary:
               packing: str = "2bit", device: torch.device | str | None = None) -> PackedTernary:
         """All-zero codes and scales of the given shape: the frame an artifact's tensors are loaded into."""
         lead = (planes,) if planes > 1 else ()
-        zeros = pack(torch.zeros(1, in_features, dtype=torch.int8), packing)  # the packed form of zero codes
-        packed = zeros.expand(*lead, out_features, zeros.shape[-1]).clone().to(device)
+        # every byte of all-zero codes is the same (each digit stores 0 + 1); built without reading a tensor, so
+        # it also works on the meta device transformers builds skeletons on
+        zero_byte = {"2bit": 0b01010101, "base3": 1 + 3 + 9 + 27 + 81}[packing]
+        packed = torch.full((*lead, out_features, packed_bytes(in_features, packing)), zero_byte, dtype=torch.uint8,
+                            device=device)
         scales = torch.zeros(*lead, scale_rows, -(-in_features // group_size), dtype=SCALE_DTYPE, device=device)
         return cls(packed, scales, group_size, in_features, packing)
 

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..embedding import BlockQuantizedMatrix, TiedQuantizedHead
 from ..files import atomic_file
 from ..layers import PackedTernaryLinear
+from ..rotation import folded_stream
 from ..surgery import LLAMA_LINEARS
 from ..ternary import PackedTernary
 
@@ -140,8 +142,8 @@ def _ternary_tensors(model: nn.Module, qtype: Any, ftype: Any, all_exact: bool,
             continue
         if module.bias is not None and module.bias.abs().max() > 0:
             raise ExportError(f"{name} has a bias (dead-zone bias or a biased layer): llama.cpp's Llama has none")
-        data = _llama_cpp_rows(model, name, module.weight.dequantize(torch.float32)).numpy()
-        exact = all_exact or ternary_exact(module.weight)
+        data = _llama_cpp_rows(model, name, module.qweight.dequantize(torch.float32)).numpy()
+        exact = all_exact or ternary_exact(module.qweight)
         kind = qtype if exact else ftype
         if kind == gguf.GGMLQuantizationType.Q8_0 and module.in_features % 32:  # Q8_0 blocks are 32 wide
             kind = gguf.GGMLQuantizationType.F16
@@ -156,23 +158,57 @@ def _ternary_tensors(model: nn.Module, qtype: Any, ftype: Any, all_exact: bool,
 
 
 def _fp_tensors(model: nn.Module, report: dict[str, Any]) -> list[tuple[str, np.ndarray, Any]]:
-    """Every FP parameter: vectors (norms) as F32, matrices as F16; a tied head is written once."""
+    """Every FP tensor: vectors (norms) as F32, matrices as F16, a block-quantized embedding (and head) in its
+    own Q8_0 / Q4_0 blocks, exactly. A stream rotation is folded into the embedding, head and final norm
+    (llama.cpp runs no hooks); a tied head is written once (llama.cpp reads token_embd for it)."""
     import gguf
 
     modules = dict(model.named_modules())
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
-    tensors = []
-    for name, param in model.named_parameters():
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    rotated = hasattr(getattr(model, "model", None), "atq_rotation")
+    tied = getattr(head, "weight", None) is getattr(embedding, "weight", None) or isinstance(head, TiedQuantizedHead)
+    tensors = _block_tensors(model, report, tied) if isinstance(embedding, BlockQuantizedMatrix) and not rotated else []
+    folded = dict(zip(("model.embed_tokens", "lm_head", "model.norm"), _folded(model))) if rotated else {}
+    for name, param in [*model.named_parameters(), *[(f"{n}.weight", None) for n in folded]]:
         base = name.removesuffix(".weight")
-        if isinstance(modules.get(base), PackedTernaryLinear) or (tied and base == "lm_head"):
+        if isinstance(modules.get(base), PackedTernaryLinear) or (base in folded and param is not None):
+            continue
+        if (tied and base == "lm_head" and not rotated) or base in report["tensors"]:
             continue
         if not name.endswith(".weight"):
             raise ExportError(f"GGUF export: unexpected parameter {name!r}")
-        data = _llama_cpp_rows(model, base, param.detach().float()).numpy()  # q/k of a layer kept FP move too
+        value = folded[base] if base in folded else param.detach()
+        data = _llama_cpp_rows(model, base, value.float()).numpy()  # q/k of a layer kept FP move too
         kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else gguf.GGMLQuantizationType.F16
         tensors.append((gguf_name(base) + ".weight", data.astype(np.float32 if data.ndim == 1 else np.float16), kind))
         report["tensors"][base] = kind.name
+    return tensors
+
+
+def _folded(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rotated model's embedding, head and final norm with the rotation folded in (dense)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    dense_embedding = embedding.dequantize(torch.float32) if isinstance(embedding, BlockQuantizedMatrix) else None
+    if dense_embedding is None:
+        return folded_stream(model)
+    head_weight = dense_embedding if isinstance(head, TiedQuantizedHead) else head.dequantize(torch.float32)
+    return folded_stream(model, dense_embedding, head_weight)
+
+
+def _block_tensors(model: nn.Module, report: dict[str, Any], tied: bool) -> list[tuple[str, np.ndarray, Any]]:
+    """The block-quantized embedding (and an untied head) as GGUF Q8_0 / Q4_0 blocks, byte for byte."""
+    import gguf
+
+    parts = [("model.embed_tokens", model.get_input_embeddings())]
+    parts += [] if tied else [("lm_head", model.get_output_embeddings())]
+    tensors = []
+    for name, matrix in parts:
+        kind = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[matrix.kind]
+        rows = matrix.rows
+        scales = matrix.scales.cpu().numpy().view(np.uint8).reshape(rows, -1, 2)
+        codes = matrix.codes.cpu().numpy().view(np.uint8).reshape(rows, scales.shape[1], -1)
+        tensors.append((gguf_name(name) + ".weight", np.concatenate([scales, codes], -1).reshape(rows, -1), kind))
+        report["tensors"][name] = kind.name
     return tensors
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from ..embedding import BlockQuantizedMatrix
 from ..files import atomic_directory
 from ..layers import PackedTernaryLinear
 from .gguf import ExportError
@@ -24,7 +25,7 @@ from .gguf import ExportError
 
 def bitnet_blockers(layer: PackedTernaryLinear) -> list[str]:
     """Why ``layer`` cannot be a transformers BitLinear exactly (empty when it can)."""
-    reasons, weight = [], layer.weight
+    reasons, weight = [], layer.qweight
     if weight.planes != 1:
         reasons.append(f"{weight.planes} trit-planes (BitLinear holds one)")
     if weight.scales.shape[-2] != 1 or weight.scales.shape[-1] != 1:
@@ -37,14 +38,21 @@ def bitnet_blockers(layer: PackedTernaryLinear) -> list[str]:
 
 
 def export_hf(model: nn.Module, out: str | os.PathLike, dequantize: bool = False,
-              tokenizer: Any = None) -> dict[str, Any]:
-    """Write ``model`` (ATQ-quantized) as a transformers checkpoint in ``out``; returns a short report."""
+              tokenizer: Any = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``model`` (ATQ-quantized) as a transformers checkpoint in ``out``; returns a short report. An existing
+    non-empty ``out`` is replaced only with ``overwrite``."""
     from safetensors.torch import save_file
     from transformers.integrations.bitnet import pack_weights
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedTernaryLinear)}
     if not layers:
         raise ExportError("HF export: the model has no ternary layers (quantize it first)")
+    if hasattr(getattr(model, "model", None), "atq_rotation") or isinstance(model.get_input_embeddings(),
+                                                                             BlockQuantizedMatrix):
+        raise ExportError("HF export: the model rotates its residual stream at run time or stores its embedding "
+                          "in 8/4-bit blocks, which plain transformers layers cannot run; quantize without "
+                          "rotation= and embedding= for this export (the ATQ artifact itself loads with "
+                          "from_pretrained after `import atq`)")
     blockers = {n: r for n, m in layers.items() if (r := bitnet_blockers(m))}
     if blockers and not dequantize:
         first = next(iter(blockers))
@@ -59,7 +67,7 @@ def export_hf(model: nn.Module, out: str | os.PathLike, dequantize: bool = False
     for name, layer in layers.items():
         for key in ("packed", "scales"):
             state.pop(f"{name}.{key}")
-        tensor = layer.weight.ternary()
+        tensor = layer.qweight.ternary()
         if dequantize:
             state[f"{name}.weight"] = tensor.dequantize(dtype)
         else:
@@ -79,7 +87,7 @@ def export_hf(model: nn.Module, out: str | os.PathLike, dequantize: bool = False
         state.pop("lm_head.weight", None)  # transformers re-ties it on load
     state = {k: v.contiguous() for k, v in state.items()}
     out = Path(out)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, lambda path: overwrite) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         if tokenizer is not None:
