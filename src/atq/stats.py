@@ -6,6 +6,7 @@ layers, and every other parameter at its floating-point width. ``bits_per_weight
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -65,3 +66,35 @@ def markdown_table(header: list[str], rows: list[list[str]], numeric_from: int =
     """A markdown table whose columns from ``numeric_from`` on are right-aligned (numbers)."""
     rule = ["---" if i < numeric_from else "---:" for i in range(len(header))]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *rows])
+
+
+ARTIFACT_FILES = {"config.json", "generation_config.json", "model.safetensors", "atq_checksums.json"}
+
+
+def artifact_breakdown(directory: str | os.PathLike) -> dict[str, int]:
+    """An artifact's bytes by what they hold: ternary codes and scales, the block-quantized embedding, other
+    tensors (FP), the tokenizer files, and the rest (configs, checksums, the safetensors header); and the total."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    parts = dict.fromkeys(("ternary_codes", "ternary_scales", "embedding", "fp_tensors", "tokenizer", "other"), 0)
+    with safe_open(str(directory / "model.safetensors"), "pt") as handle:
+        names = set(handle.keys())
+        for name in names:
+            tensor = handle.get_slice(name)
+            size = math.prod(tensor.get_shape()) * _DTYPE_BYTES[tensor.get_dtype()]
+            owner = name.rpartition(".")[0]
+            if f"{owner}.packed" in names:
+                parts["ternary_codes" if name.endswith(".packed") else "ternary_scales"] += size
+            elif f"{owner}.codes" in names:
+                parts["embedding"] += size
+            else:
+                parts["fp_tensors"] += size
+    files = {f.name: f.stat().st_size for f in directory.rglob("*") if f.is_file()}
+    parts["tokenizer"] = sum(size for name, size in files.items() if name not in ARTIFACT_FILES)
+    parts["total"] = sum(files.values())
+    parts["other"] = parts["total"] - sum(v for k, v in parts.items() if k not in ("other", "total"))
+    return parts
+
+
+_DTYPE_BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
