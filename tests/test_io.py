@@ -217,3 +217,23 @@ def test_unquantized_model_is_refused(tmp_path, tiny_llama):
     with pytest.raises(ValueError, match="not been quantized"):
         save_quantized(tiny_llama, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_gpt2_and_pipeline_through_transformers(tmp_path, tiny_model_dir):
+    """A GPT-2 (Conv1D layers) through from_pretrained; a Llama with a real tokenizer through pipeline()."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    gpt2 = make_gpt2(seed=3)
+    quantize(gpt2, QuantConfig(group_size=32), quiet=True)
+    directory = save_quantized(gpt2, tmp_path / "gpt2", dtype="float32")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(directory)), logits(gpt2))
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    quantize(model, QuantConfig(group_size=32), quiet=True)
+    directory = save_quantized(model, tmp_path / "llama", tokenizer=tokenizer, dtype="float32")
+    generator = pipeline("text-generation", model=str(directory))
+    generated = generator("the quick brown", max_new_tokens=5, do_sample=False, return_tensors=True)
+    ids = tokenizer("the quick brown", return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False)[0]
+    assert list(generated[0]["generated_token_ids"]) == expected.tolist()
