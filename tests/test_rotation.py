@@ -50,14 +50,14 @@ def test_rotated_model_computes_the_same_function(kind, tie):
     rotate_model(rotated, kind)
     with torch.no_grad():
         torch.testing.assert_close(rotated(ids).logits, model(ids).logits, rtol=0, atol=1e-5)  # RMSNorm computes in fp32
-    # the blocks' weights did change and their norm gains are now 1; the embedding, the head (still one tensor
-    # when tied) and the final norm are untouched: the stream is rotated where it enters and leaves
+    # the blocks' weights did change and every norm gain is now 1; the embedding and the head (still one tensor
+    # when tied) are untouched: the stream is rotated where it enters and leaves
     assert not torch.allclose(rotated.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
-    assert all(float((p - 1).abs().max()) == 0 for n, p in rotated.named_parameters()
-               if n.endswith("layernorm.weight"))
+    assert all(float((p - 1).abs().max()) == 0 for n, p in rotated.named_parameters() if n.endswith("norm.weight"))
     assert (rotated.lm_head.weight is rotated.model.embed_tokens.weight) == tie
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(rotated.get_parameter(name), model.get_parameter(name))
+    assert torch.equal(rotated.model.atq_rotation.gain.double(), model.model.norm.weight.float().double())
     q = rotated.model.atq_rotation.matrix.double()
     torch.testing.assert_close(q @ q.T, torch.eye(48, dtype=torch.float64), rtol=0, atol=1e-6)
 

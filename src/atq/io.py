@@ -80,8 +80,17 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: An
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+            _compact_json(tmp / "tokenizer.json")
         write_checksums(tmp)
     return Path(directory)
+
+
+def _compact_json(path: Path) -> None:
+    """Rewrite a pretty-printed JSON file without the indentation: SmolLM2's tokenizer.json shrinks from 3.5 to
+    1.6 MB, a sixth of its one-plane artifact, for the same content."""
+    if path.is_file():
+        path.write_text(json.dumps(json.loads(path.read_text(encoding="utf-8")), ensure_ascii=False,
+                                   separators=(",", ":")), encoding="utf-8")
 
 
 def quantization_config(model: nn.Module, dtype: str) -> dict[str, Any]:
@@ -94,12 +103,17 @@ def quantization_config(model: nn.Module, dtype: str) -> dict[str, Any]:
         "quant_method": "atq", "format_version": FORMAT_VERSION, "atq_version": _package_version(),
         "modules": modules,
         "fp_layers": [r["name"] for r in getattr(model, "atq_report", []) if r["precision"] == "fp"],
-        "rotation": model.atq_config.rotation if hasattr(getattr(model, "model", None), "atq_rotation") else None,
+        **_rotation(model),
         "embedding": embedding.kind if isinstance(embedding, QuantizedEmbedding) else dtype,
         "embedding_tied": getattr(head, "embedding", None) is embedding,
         "recipe": model.atq_config.to_dict(),
         "source": getattr(model, "atq_source", None),
     }
+
+
+def _rotation(model: nn.Module) -> dict[str, Any]:
+    rotation = getattr(getattr(model, "model", None), "atq_rotation", None)
+    return {"rotation": rotation.kind, "rotation_seed": rotation.seed} if rotation is not None else {"rotation": None}
 
 
 def stored_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -204,14 +218,17 @@ def build_skeleton(model: nn.Module, qconfig: dict[str, Any]) -> None:
         model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
     if qconfig.get("rotation"):
         hidden = model.get_input_embeddings().embedding_dim
-        attach_stream_rotation(model, torch.zeros(hidden, hidden, dtype=torch.float32))
+        attach_stream_rotation(model, qconfig["rotation"], qconfig["rotation_seed"], torch.zeros(hidden))
     if qconfig["embedding"] in ("q8_0", "q4_0"):
         quantized_embedding_frames(model, qconfig["embedding"], qconfig["embedding_tied"], dtype)
 
 
 def check_loaded(model: nn.Module) -> None:
-    """Raise if a loaded packed layer holds codes no packing produces (corruption the checksums cannot see in
-    a checkpoint written without them, e.g. by save_pretrained)."""
+    """Finish a loaded model: rebuild the stream rotation's Q, and raise if a packed layer holds codes no packing
+    produces (corruption the checksums cannot see in a checkpoint written without them, e.g. by save_pretrained)."""
+    rotation = getattr(getattr(model, "model", None), "atq_rotation", None)
+    if rotation is not None:
+        rotation.materialize()
     for name, module in model.named_modules():
         if isinstance(module, PackedTernaryLinear):
             try:

@@ -8,10 +8,11 @@ group ("incoherence processing", QuIP), while the model's output stays the same 
 * the residual stream inside the decoder is rotated, h -> h·Q: every layer that reads it becomes W·Q (q/k/v,
   gate/up), every layer that writes it Qᵀ·W (o, down). RMSNorm commutes with Q once its gain has been folded
   into the layers after it (rms(h·Q) = rms(h)), so the blocks' gains become 1;
-* the stream is rotated where it enters (embeddings · Q) and un-rotated where it leaves (· Qᵀ before the final
-  norm): two d x d products per token, by forward hooks, so the embedding and the head stay one tied tensor,
-  unrotated, and the final norm keeps its gain. (Folding Q into them instead would untie the head: a second FP
-  copy of the embedding.) Q is a buffer of the model (``model.model.atq_rotation.matrix``), saved with it;
+* the stream is rotated where it enters (embeddings · Q) and un-rotated where it leaves (after the final norm,
+  · Qᵀ, then the norm's original gain): two d x d products per token, by forward hooks, so the embedding and the
+  head stay one tied tensor, unrotated. (Folding Q into them instead would untie the head: a second FP copy of
+  the embedding.) Q and the gain are buffers of the model (``model.model.atq_rotation``), saved with it; the
+  norm's own gain becomes 1, in the rotated basis, as it would with the gain folded into the head;
 * each attention head's values are rotated by a second R (head_dim wide): v_proj's rows per key-value head
   Rᵀ·W_v, o_proj's columns per head W_o·R; attention mixes value vectors linearly, so R passes through.
 
@@ -174,22 +175,37 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> Non
         reads(mlp.up_proj, gain)
         layer.post_attention_layernorm.weight.fill_(1.0)
         writes(mlp.down_proj)
-    attach_stream_rotation(model, q.float())
+    attach_stream_rotation(model, kind, seed, base.norm.weight.detach().float().clone())
+    base.norm.weight.fill_(1.0)
 
 
 class StreamRotation(FixedDtypeBuffers, nn.Module):
-    """Holds Q (fp32 whatever the model's dtype: it is applied in at least fp32) for the two hooks."""
+    """Q and the final norm's original gain g (both fp32 whatever the model's dtype) for the two hooks. The norm
+    itself keeps a gain of 1 in the rotated basis, as when g is folded into the head: tuning trains that.
+    Q is rebuilt from (kind, seed) rather than stored: a d x d matrix is as large as 40 of SmolLM2's layers."""
 
-    fixed_dtype_buffers = ("matrix",)
+    fixed_dtype_buffers = ("matrix", "gain")
 
-    def __init__(self, matrix: torch.Tensor) -> None:
+    def __init__(self, kind: str, seed: int, gain: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("matrix", matrix)
+        self.kind, self.seed = kind, seed
+        self.register_buffer("gain", gain)
+        self.register_buffer("matrix", self.build(), persistent=False)
+
+    def build(self) -> torch.Tensor:
+        """Q on the gain's device (a meta skeleton gets a meta Q; ``materialize`` fills it once loaded)."""
+        with torch.device("cpu"):
+            matrix = random_rotation(self.gain.shape[0], self.kind, self.seed).float()
+        return matrix.to(self.gain.device)
+
+    def materialize(self) -> None:
+        self.matrix = self.build()
 
     def apply(self, hidden: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         matrix = self.matrix.T if transpose else self.matrix
         dtype = torch.promote_types(hidden.dtype, matrix.dtype)
-        return (hidden.to(dtype) @ matrix.to(dtype)).to(hidden.dtype)
+        rotated = hidden.to(dtype) @ matrix.to(dtype)
+        return (rotated * self.gain.to(dtype) if transpose else rotated).to(hidden.dtype)
 
 
 def _enter(rotation: StreamRotation, base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -203,26 +219,27 @@ def _enter(rotation: StreamRotation, base: nn.Module, args: tuple, kwargs: dict)
     return (), kwargs
 
 
-def _leave(rotation: StreamRotation, norm: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook of the final norm: the stream leaves un-rotated."""
-    return (rotation.apply(args[0], transpose=True), *args[1:])
+def _leave(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of the final norm: its output leaves un-rotated, times the original gain."""
+    return rotation.apply(output, transpose=True)
 
 
-def attach_stream_rotation(model: nn.Module, matrix: torch.Tensor) -> None:
-    """Rotate ``model``'s residual stream by ``matrix`` where it enters and leaves the decoder (the hooks above);
-    also what loading a rotated artifact calls, with the matrix to be filled from the file."""
+def attach_stream_rotation(model: nn.Module, kind: str, seed: int, gain: torch.Tensor) -> None:
+    """Rotate ``model``'s residual stream by Q = random_rotation(width, kind, seed) where it enters the decoder
+    and un-rotate it after the final norm, then apply ``gain`` (the hooks above); also what loading a rotated
+    artifact calls, with a gain the file fills."""
     base = model.model
     if hasattr(base, "atq_rotation"):
         raise ValueError("the model is already rotated")
-    base.atq_rotation = StreamRotation(matrix.to(base.norm.weight.device))
+    base.atq_rotation = StreamRotation(kind, seed, gain.to(base.norm.weight.device))
     base.register_forward_pre_hook(functools.partial(_enter, base.atq_rotation), with_kwargs=True)
-    base.norm.register_forward_pre_hook(functools.partial(_leave, base.atq_rotation))
+    base.norm.register_forward_hook(functools.partial(_leave, base.atq_rotation))
 
 
 def folded_stream(model: nn.Module, embedding: torch.Tensor | None = None,
                   head: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(embedding, head, final-norm gain) with the stream rotation folded in (E·Q, (W·diag(g))·Q, ones), for
-    runtimes that cannot run the hooks (llama.cpp); the plain weights when ``model`` is not rotated.
+    """(embedding, head, final-norm gain) with the stream rotation folded in (E·Q, (W·diag(g))·Q, the norm's own
+    gain), for runtimes that cannot run the hooks (llama.cpp); the plain weights when ``model`` is not rotated.
     ``embedding``/``head``: their dense weights where the modules hold them otherwise (block-quantized)."""
     base = model.model
     embedding = base.get_input_embeddings().weight.detach() if embedding is None else embedding
@@ -230,6 +247,5 @@ def folded_stream(model: nn.Module, embedding: torch.Tensor | None = None,
     gain = base.norm.weight.detach()
     if not hasattr(base, "atq_rotation"):
         return embedding, head, gain
-    q = base.atq_rotation.matrix.double()
-    return ((embedding.double() @ q).to(embedding.dtype), ((head.double() * gain.double()) @ q).to(head.dtype),
-            torch.ones_like(gain))
+    q, original = base.atq_rotation.matrix.double(), base.atq_rotation.gain.double()
+    return ((embedding.double() @ q).to(embedding.dtype), ((head.double() * original) @ q).to(head.dtype), gain)
