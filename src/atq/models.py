@@ -93,7 +93,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else source)
     model = model.to(dtype=dtype) if not _is_quantized(model) else model
     model.to(device or "cpu").eval()
-    model.atq_source = source
+    if not _is_quantized(model):  # an artifact keeps the FP source it records (load_quantized set it)
+        model.atq_source = source
     return model, tokenizer
 
 
