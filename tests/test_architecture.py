@@ -21,7 +21,7 @@ RANKS = {
     "rotation": 5, "sensitivity": 5, "tuning": 5, "compilation": 5, "stats": 5, "data": 5, "io": 5,
     "calibration": 6, "evaluate": 6, "checkpoint": 6, "models": 6, "distill": 6,
     "ptq": 7, "qat": 7, "export": 7,
-    "measure": 8, "flags": 8,
+    "measure": 8, "flags": 8, "generate": 8,
     "cli": 9, "__init__": 9,
 }
 
