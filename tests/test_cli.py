@@ -148,6 +148,8 @@ def test_default_preset_follows_the_device():
     assert config_from_args(auto) == (gpu if torch.cuda.is_available() else cpu)
     assert config_from_args(parse(["quantize", "--device", "cpu", "--calibration-windows", "4"])) == cpu.replace(
         calibration_windows=4)
+    with pytest.raises(ValueError, match=r"planes must be 1 .* on top of --preset cpu; --preset data-free"):
+        config_from_args(parse(["quantize", "--device", "cpu", "--mode", "sparsity"]))  # calibrated, two planes
 
 
 def test_a_presets_rotation_is_dropped_for_a_model_that_cannot_rotate(tiny_gpt2, tiny_llama, capsys):

@@ -112,8 +112,16 @@ def given_keywords(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
-    """The preset's config with the keyword flags that were given applied on top."""
-    return PRESETS[preset_name(args)].build().replace(**given_keywords(args))
+    """The preset's config with the keyword flags that were given applied on top; when they clash with the preset,
+    the error says which preset they were applied to and how to start from QuantConfig()'s defaults."""
+    name = preset_name(args)
+    try:
+        return PRESETS[name].build().replace(**given_keywords(args))
+    except ValueError as error:
+        if name == "data-free":
+            raise
+        raise ValueError(f"{error} (the flags apply on top of --preset {name}; --preset data-free starts from "
+                         "QuantConfig()'s defaults)") from error
 
 
 def require_texts(config: QuantConfig, evaluation: str | None) -> None:
