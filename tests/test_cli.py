@@ -1,13 +1,16 @@
 import argparse
 import json
+import math
 import os
 
 import pytest
+import torch
 
+import atq
 from atq import QuantConfig
 from atq.cli import build_parser, main
-from atq.flags import config_from_args
-from atq.io import ARTIFACT_CONFIG
+from atq.flags import config_from_args, preset_name, rotatable_config
+from atq.io import CHECKSUMS
 
 # The flags users and the README rely on: the generated parser must keep every one of these names.
 FLAGS = ["--mode", "--sparsity", "--threshold", "--alpha", "--granularity", "--group-size", "--include", "--exclude",
@@ -25,6 +28,11 @@ SAMPLE = {"mode": "magnitude", "sparsity": 0.25, "threshold": 0.03, "alpha": 0.9
           "sensitivity": "measured"}
 
 
+
+def quantization_config(artifact):
+    """The ATQ quantization_config an artifact's config.json holds."""
+    return json.loads((artifact / "config.json").read_text())["quantization_config"]
+
 def _argv(keywords: dict) -> list[str]:
     argv = []
     for name, value in keywords.items():
@@ -37,13 +45,14 @@ def _argv(keywords: dict) -> list[str]:
 
 
 def _parse(argv: list[str]) -> QuantConfig:
-    return config_from_args(build_parser().parse_args(["quantize", *argv]))
+    """The config of ``atq quantize ARGV`` on the data-free base (a --preset in ARGV comes later and wins)."""
+    return config_from_args(build_parser().parse_args(["quantize", "--preset", "data-free", *argv]))
 
 
 def test_every_keyword_has_a_flag_that_parses_like_the_api():
     assert set(SAMPLE) == {keyword.name for keyword in QuantConfig.keywords()}
     assert _parse(_argv(SAMPLE)) == QuantConfig(**SAMPLE)
-    assert _parse([]) == QuantConfig()
+    assert _parse([]) == QuantConfig()  # the data-free preset is today's default config
     options = {o for a in build_parser()._subparsers._group_actions[0].choices["quantize"]._actions
                for o in a.option_strings}
     assert set(FLAGS) <= options
@@ -72,62 +81,130 @@ def test_preset_is_the_base_that_the_given_flags_override(text_file):
     assert isinstance(build_parser().parse_args(["quantize"]), argparse.Namespace)
 
 
-def test_quantize_with_eval_then_eval_the_artifact(tiny_model_dir, text_file, tmp_path, capsys):
-    out = tmp_path / "artifact"
-    code = main(["quantize", "--model", str(tiny_model_dir), "--mode", "sparsity", "--sparsity", "0.5",
-                 "--group-size", "32", "--out", str(out), "--eval", "--data", str(text_file), "--seq-len", "16",
-                 "--device", "cpu", "--quiet"])
+def _rows(printed: str) -> dict[str, str]:
+    """The CLI's markdown table as {what: value} (``| what | value |`` rows; a key may hold ``||``)."""
+    return dict(line[2:-2].split(" | ", 1) for line in printed.splitlines()
+                if line.startswith("| ") and line.endswith(" |") and " | " in line[2:-2])
+
+
+def test_quantize_json_equals_the_printed_table_and_the_api(tiny_model_dir, text_file, tmp_path, capsys):
+    out, run_file = tmp_path / "artifact", tmp_path / "run.json"
+    code = main(["quantize", "--model", str(tiny_model_dir), "--preset", "data-free", "--mode", "sparsity",
+                 "--sparsity", "0.5", "--group-size", "32", "--out", str(out), "--eval", "--data", str(text_file),
+                 "--seq-len", "16", "--device", "cpu", "--quiet", "--json", str(run_file)])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "perplexity ternary" in printed and "bits per weight" in printed
-    meta = json.loads((out / ARTIFACT_CONFIG).read_text())
-    assert meta["quant_config"]["group_size"] == 32 and meta["quant_config"]["sparsity"] == 0.5
+    rows, run = {k.strip(): v for k, v in _rows(printed).items()}, json.loads(run_file.read_text())
+    assert "preset data-free, device cpu" in printed.splitlines()[0]  # said before any work
 
-    result_file = tmp_path / "eval.json"
+    # the reference: the FP model and the saved artifact, each loaded and evaluated on its own through the API
+    fp_model, tokenizer = atq.load_model(str(tiny_model_dir))
+    fp = atq.evaluate(fp_model, tokenizer, str(text_file), seq_len=16, quiet=True)
+    ternary = atq.evaluate(atq.load_quantized(out), tokenizer, str(text_file), seq_len=16, quiet=True)
+    assert run["ppl_fp"] == pytest.approx(fp["ppl"], rel=1e-9)
+    assert run["ppl_ternary"] == pytest.approx(ternary["ppl"], rel=1e-9)
+    assert f"{ternary['ppl']:.2f}" != f"{fp['ppl']:.2f}"  # the two can be told apart at the printed precision
+    assert rows["perplexity ternary (the saved artifact)"] == f"{ternary['ppl']:.2f}"
+    assert rows[f"perplexity FP ({text_file}, {fp['windows']}x16)"] == f"{fp['ppl']:.2f}"
+    tokens = len(tokenizer(text_file.read_text(), return_tensors="pt").input_ids[0])
+    assert run["windows"] == fp["windows"] == tokens // 16
+
+    # sizes from first principles: 2-bit codes (a row padded to whole bytes) and one fp16 scale per group of 32
+    shapes = [(m.out_features, m.in_features) for n, m in fp_model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    bits = sum(rows_ * (8 * math.ceil(columns / 4) + 16 * math.ceil(columns / 32)) for rows_, columns in shapes)
+    assert run["bits_per_weight"] == pytest.approx(bits / sum(r * c for r, c in shapes), rel=1e-12)
+    assert run["artifact_bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert run["recipe"] == {"preset": "data-free",
+                             "config": QuantConfig(mode="sparsity", sparsity=0.5, group_size=32).to_dict()}
+    assert run["device"] == "cpu" and run["data"] == str(text_file) and run["seq_len"] == 16
+    assert 0 < run["quantize_seconds"] <= run["total_seconds"]
+    assert rows["quantize time"] == f"{run['quantize_seconds']:.1f} s"
+
+    eval_file = tmp_path / "eval.json"
     code = main(["eval", "--model", str(out), "--data", str(text_file), "--seq-len", "16", "--device", "cpu",
-                 "--quiet", "--json", str(result_file)])
+                 "--quiet", "--json", str(eval_file)])
     assert code == 0
-    result = json.loads(result_file.read_text())
-    assert result["ppl"] > 1 and result["windows"] >= 1
-    assert f"{result['ppl']:.3f}" in capsys.readouterr().out
+    assert json.loads(eval_file.read_text())["ppl"] == pytest.approx(ternary["ppl"], rel=1e-9)
+
+
+def test_quantize_json_without_eval_has_null_perplexities(tiny_model_dir, tmp_path, capsys):
+    run_file = tmp_path / "run.json"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--preset", "seed", "--out", str(tmp_path / "a"),
+                 "--device", "cpu", "--quiet", "--json", str(run_file)]) == 0
+    run = json.loads(run_file.read_text())
+    assert (run["ppl_fp"], run["ppl_ternary"], run["windows"]) == (None, None, None)
+    assert run["recipe"] == {"preset": "seed", "config": QuantConfig.seed().to_dict()}
+    assert "perplexity" not in capsys.readouterr().out
+
+
+def test_default_preset_follows_the_device():
+    gpu = QuantConfig(calibration="wikitext2_valid", planes=2, packing="base3", group_size=128, rotation="hadamard",
+                      reconstruct_steps=256, end_to_end_steps=128)
+    cpu = QuantConfig(calibration="wikitext2_valid", calibration_windows=16, calibration_seq_len=512, planes=2,
+                      packing="base3", group_size=128, rotation="hadamard")
+    parse = build_parser().parse_args
+    for argv, preset, config in [(["--device", "cuda"], "gpu", gpu), (["--device", "cuda:1"], "gpu", gpu),
+                                 (["--device", "cpu"], "cpu", cpu), (["--preset", "cpu", "--device", "cuda"], "cpu", cpu),
+                                 (["--preset", "data-free"], "data-free", QuantConfig())]:
+        args = parse(["quantize", *argv])
+        assert (preset_name(args), config_from_args(args)) == (preset, config)
+    auto = parse(["quantize"])
+    assert config_from_args(auto) == (gpu if torch.cuda.is_available() else cpu)
+    assert config_from_args(parse(["quantize", "--device", "cpu", "--calibration-windows", "4"])) == cpu.replace(
+        calibration_windows=4)
+    with pytest.raises(ValueError, match=r"planes must be 1 .* on top of --preset cpu; --preset data-free"):
+        config_from_args(parse(["quantize", "--device", "cpu", "--mode", "sparsity"]))  # calibrated, two planes
+
+
+def test_a_presets_rotation_is_dropped_for_a_model_that_cannot_rotate(tiny_gpt2, tiny_llama, capsys):
+    args = build_parser().parse_args(["quantize", "--device", "cpu"])
+    config = config_from_args(args)
+    assert config.rotation == "hadamard"
+    assert rotatable_config(config, tiny_llama, args) is config
+    assert rotatable_config(config, tiny_gpt2, args) == config.replace(rotation=None)
+    assert "rotation is off" in capsys.readouterr().out
+    given = build_parser().parse_args(["quantize", "--device", "cpu", "--rotation", "hadamard"])
+    assert rotatable_config(config, tiny_gpt2, given) is config  # asked for by name: quantize refuses it
 
 
 def test_seed_preset(tiny_model_dir, tmp_path):
     out = tmp_path / "seed"
     assert main(["quantize", "--model", str(tiny_model_dir), "--preset", "seed", "--out", str(out), "--quiet"]) == 0
-    assert json.loads((out / ARTIFACT_CONFIG).read_text())["quant_config"]["granularity"] == "tensor"
+    assert quantization_config(out)["recipe"]["granularity"] == "tensor"
 
 
 def test_bad_input_fails_cleanly_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "never"
-    assert main(["quantize", "--model", str(tiny_model_dir), "--sparsity", "1.5", "--out", str(out)]) == 2
+    assert main(["quantize", "--model", str(tiny_model_dir), "--sparsity", "1.5", "--out", str(out)]) == 2  # auto
     assert "QuantConfig.sparsity" in capsys.readouterr().err
     assert main(["quantize", "--model", str(tiny_model_dir), "--eval", "--data", "no-such-data",
                  "--out", str(out)]) == 2
     assert "cannot resolve data source" in capsys.readouterr().err
-    assert main(["quantize", "--model", str(tiny_model_dir), "--exclude", ".", "--out", str(out)]) == 2
+    assert main(["quantize", "--model", str(tiny_model_dir), "--preset", "data-free", "--exclude", ".",
+                 "--out", str(out)]) == 2
     assert "no linear layer left" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_calibrated_two_plane_mixed_precision_from_the_cli(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "calibrated"
-    code = main(["quantize", "--model", str(tiny_model_dir), "--calibration", str(text_file),
+    code = main(["quantize", "--model", str(tiny_model_dir), "--preset", "data-free", "--calibration", str(text_file),
                  "--calibration-windows", "4", "--calibration-seq-len", "16", "--planes", "2", "--packing", "base3",
                  "--reconstruct-steps", "5", "--fp-fraction", "0.2", "--rotation", "hadamard",
                  "--end-to-end-steps", "3",
                  "--out", str(out), "--device", "cpu", "--quiet"])
     assert code == 0, capsys.readouterr().err
-    meta = json.loads((out / ARTIFACT_CONFIG).read_text())
-    config = meta["quant_config"]
+    meta = quantization_config(out)
+    config = meta["recipe"]
     assert config["planes"] == 2 and config["calibration"]["source"] == str(text_file)
     assert config["calibration"]["windows"] == 4 and config["reconstruction"]["steps"] == 5
     assert config["rotation"] == "hadamard" and config["end_to_end"]["steps"] == 3
     assert config["mixed_precision"] == {"fp_fraction": 0.2, "sensitivity": "gradient"}
-    assert meta["model_config"]["tie_word_embeddings"] is False  # the rotation untied the head
-    layers = meta["layers"].values()
-    assert sum(layer["precision"] == "fp" for layer in layers) == 1 + round(0.2 * 14)  # head + kept layers
-    assert all(layer["packing"] == "base3" and layer["planes"] == 2 for layer in layers if layer["precision"] != "fp")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True  # the rotation keeps it
+    assert meta["rotation"] == "hadamard" and len(meta["fp_layers"]) == 1 + round(0.2 * 14)  # head + kept layers
+    assert len(meta["modules"]) == 14 - round(0.2 * 14)
+    assert all(layer["packing"] == "base3" and layer["planes"] == 2 for layer in meta["modules"].values())
 
 
 def test_preset_with_calibration_calibrates(tiny_model_dir, text_file, tmp_path, capsys):
@@ -138,14 +215,15 @@ def test_preset_with_calibration_calibrates(tiny_model_dir, text_file, tmp_path,
     assert main(command) == 2  # bitnet's one scale per tensor: calibration is refused, no longer dropped
     assert "granularity" in capsys.readouterr().err and not out.exists()
     assert main(command + ["--granularity", "row"]) == 0, capsys.readouterr().err
-    config = json.loads((out / ARTIFACT_CONFIG).read_text())["quant_config"]
+    config = quantization_config(out)["recipe"]
     assert config["calibration"]["source"] == str(text_file) and config["calibration"]["windows"] == 2
     assert (config["mode"], config["granularity"], config["activations"]) == ("absmean", "row", "int8")
 
 
 def test_train_from_a_ptq_artifact_then_eval(tiny_model_dir, text_file, tmp_path, capsys):
     ptq = tmp_path / "ptq"
-    assert main(["quantize", "--model", str(tiny_model_dir), "--out", str(ptq), "--device", "cpu", "--quiet"]) == 0
+    assert main(["quantize", "--model", str(tiny_model_dir), "--preset", "data-free", "--out", str(ptq), "--device",
+                 "cpu", "--quiet"]) == 0
     out = tmp_path / "qat"
     code = main(["train", "--model", str(tiny_model_dir), "--init", str(ptq), "--data", str(text_file),
                  "--windows", "8", "--seq-len", "16", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2",
@@ -198,7 +276,7 @@ def test_train_under_torchrun_with_two_cpu_processes(tiny_model_dir, text_file, 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "qat.log.json").read_text())["world_size"] == 2
-    assert (out / "atq_config.json").is_file()
+    assert (out / CHECKSUMS).is_file()
 
 
 def test_experiment_wrappers_pass_options_through():
@@ -228,3 +306,109 @@ def test_export_bitnet_artifact_to_transformers_and_refuse_gguf_without_bpe(tiny
     assert "BPE" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
     assert main(["export", "--model", str(tiny_model_dir), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
     assert "not an ATQ artifact" in capsys.readouterr().err
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}w1 {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}w2{% endif %}")
+
+
+def _word_model_dir(directory, seed: int):
+    """A tiny Llama whose 256 token ids are the words w0 .. w255 (every generated id decodes to a visible word),
+    with a chat template that wraps a user turn as ``w1 <content> w2`` and no end-of-sequence token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(256)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def word_artifact(tmp_path):
+    """(FP model dir, its data-free ATQ artifact made by the CLI)."""
+    fp_dir, out = _word_model_dir(tmp_path / "fp", seed=3), tmp_path / "atq"
+    assert main(["quantize", "--model", str(fp_dir), "--preset", "data-free", "--group-size", "32", "--out", str(out),
+                 "--device", "cpu", "--quiet"]) == 0
+    return fp_dir, out
+
+
+def _greedy(model, tokenizer, text: str, new_tokens: int, **sampling) -> str:
+    """The reference: one generate() call on the prompt's ids, its new tokens decoded."""
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    sampling = sampling or {"do_sample": False}
+    tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, **sampling)
+    return tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _answers(printed: str) -> dict[str, str]:
+    """``=== heading ===`` sections of ``atq generate``'s output: {heading: the streamed text}."""
+    answers, heading = {}, None
+    for line in printed.splitlines():
+        if line.startswith("=== ") and line.endswith(" ==="):
+            heading = line[4:-4]
+            answers[heading] = []
+        elif heading is not None:
+            answers[heading].append(line)
+    return {h: "\n".join(lines).strip("\n") for h, lines in answers.items()}
+
+
+def test_generate_streams_the_greedy_answer_under_the_chat_template(word_artifact, capsys):
+    from transformers import AutoTokenizer
+
+    _, out = word_artifact
+    model, tokenizer = atq.load_quantized(out), AutoTokenizer.from_pretrained(out)
+    templated = _greedy(model, tokenizer, "w1 w7 w9 w2", 12)  # the template applied by hand
+    plain = _greedy(model, tokenizer, "w7 w9", 12)
+    assert len(templated.split()) == 12 and templated != plain
+    for flags, expected in [([], templated), (["--no-chat-template"], plain)]:
+        assert main(["generate", "--model", str(out), "--prompt", "w7 w9", "--max-new-tokens", "12",
+                     "--device", "cpu", *flags]) == 0
+        assert _answers(capsys.readouterr().out) == {f"ternary: {out}": expected}
+
+
+def test_generate_samples_reproducibly_with_temperature_and_top_p(word_artifact, capsys):
+    _, out = word_artifact
+    model, tokenizer = atq.load_model(str(out))
+    torch.manual_seed(5)
+    expected = _greedy(model, tokenizer, "w1 w7 w2", 10, do_sample=True, temperature=1.5, top_p=0.9, top_k=None)
+    command = ["generate", "--model", str(out), "--prompt", "w7", "--max-new-tokens", "10", "--temperature", "1.5",
+               "--top-p", "0.9", "--seed", "5", "--device", "cpu"]
+    assert main(command) == 0
+    sampled = _answers(capsys.readouterr().out)[f"ternary: {out}"]
+    assert sampled == expected and sampled != _greedy(model, tokenizer, "w1 w7 w2", 10)
+
+
+def test_generate_compare_prints_the_fp_answer_after_the_ternary_one(word_artifact, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fp_dir, out = word_artifact
+    tokenizer = AutoTokenizer.from_pretrained(fp_dir)
+    ternary = _greedy(atq.load_quantized(out), tokenizer, "w1 w4 w2", 10)
+    fp = _greedy(AutoModelForCausalLM.from_pretrained(fp_dir), tokenizer, "w1 w4 w2", 10)
+    other_dir = _word_model_dir(tmp_path / "other", seed=4)
+    other = _greedy(AutoModelForCausalLM.from_pretrained(other_dir), tokenizer, "w1 w4 w2", 10)
+    assert len({ternary, fp, other}) == 3
+    command = ["generate", "--model", str(out), "--prompt", "w4", "--max-new-tokens", "10", "--device", "cpu",
+               "--compare"]
+    assert main(command) == 0  # the FP model is the source the artifact records
+    printed = capsys.readouterr().out
+    assert _answers(printed) == {f"ternary: {out}": ternary, f"FP: {fp_dir}": fp}
+    assert printed.index(f"=== FP: {fp_dir} ===") > printed.index(ternary)
+    assert main(command + ["--fp-model", str(other_dir)]) == 0
+    assert _answers(capsys.readouterr().out) == {f"ternary: {out}": ternary, f"FP: {other_dir}": other}
+
+
+def test_generate_refuses_bad_options_before_loading(word_artifact, tmp_path, capsys):
+    fp_dir, _ = word_artifact
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "w4", "--top-p", "0"]) == 2
+    assert "--top-p" in capsys.readouterr().err  # not the missing model: options are checked first
+    assert main(["generate", "--model", str(fp_dir), "--prompt", "w4", "--compare", "--device", "cpu"]) == 2
+    assert "--fp-model" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""``atq quantize | train | eval | export``: a thin layer over the Python API (quantize's config flags are
-generated from QuantConfig's keywords in flags.py; the other options map to arguments of the API)."""
+"""``atq quantize | train | eval | export | generate``: a thin layer over the Python API (quantize's config flags
+are generated from QuantConfig's keywords in flags.py, generate lives in generate.py; the other options map to
+arguments of the API)."""
 
 from __future__ import annotations
 
@@ -14,46 +15,21 @@ from pathlib import Path
 
 import torch
 
+from . import flags
 from .config import COMPILE_MODES, QuantConfig
-from .flags import add_config_flags, config_from_args
+from .files import write_json
+from .flags import AUTO, DTYPES, config_from_args, device_description, preset_name
+from .flags import resolve_device as _device
+from .generate import add_generate_parser, cmd_generate
 from .stats import directory_bytes, model_stats
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def _add_eval_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="wikitext2", help="evaluation text: wikitext2 or a file path")
-    parser.add_argument("--seq-len", type=int, default=2048, help="evaluation window length (tokens)")
-    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atq", description="Adaptive ternary quantization of causal LMs")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_quantize(commands)
-    _add_train(commands)
-    _add_export(commands)
-    _add_eval(commands)
+    for add in (flags.add_quantize_parser, _add_train, _add_export, _add_eval, add_generate_parser):
+        add(commands)
     return parser
-
-
-def _add_quantize(commands: argparse._SubParsersAction) -> None:
-    q = commands.add_parser("quantize", help="ternarise a model and save a packed artifact")
-    q.add_argument("--model", default="smollm2", help="hub id, local dir, .gguf file, or smollm2 (default)")
-    q.add_argument("--out", default=None, help="artifact directory (default out/<model>-atq)")
-    q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the FP parts and activations")
-    q.add_argument("--eval", action="store_true", help="perplexity before and after")
-    _add_eval_options(q)
-    add_config_flags(q)
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
@@ -108,7 +84,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     e.add_argument("--model", required=True, help="artifact dir, hub id, local dir, .gguf, or smollm2")
     e.add_argument("--dtype", choices=DTYPES, default="float32")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
-    _add_eval_options(e)
+    flags.add_eval_options(e)
 
 
 def _eval(model, tokenizer, args: argparse.Namespace) -> dict:
@@ -125,43 +101,58 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import load_model, quantize, save_quantized
-    from .data import load_text
 
-    config = config_from_args(args)  # validate before any slow work
-    calibration = config.calibration.source if config.calibration else None
-    for source in ([args.data] if args.eval else []) + [calibration]:
-        if source not in (None, "generated"):
-            load_text(source)  # fail on missing data before spending minutes on the model
+    started = time.perf_counter()
+    config, preset, device = config_from_args(args), preset_name(args), _device(args.device)  # validate first
+    flags.require_texts(config, args.data if args.eval else None)  # before minutes spent on the model
+    name = device_description(device)
+    print(f"atq quantize: preset {preset}{' (auto)' if args.preset == AUTO else ''}, device {device}"
+          f"{f' ({name})' if name != device else ''}", flush=True)
     out = Path(args.out or f"out/{Path(args.model).stem}-atq")
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
-    before = _eval(model, tokenizer, args) if args.eval else None
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
+    config = flags.rotatable_config(config, model, args)
+    before = _eval(model, tokenizer, args) if args.eval else None  # ends on a host sync (the loss's float())
     start = time.perf_counter()
     report = quantize(model, config, tokenizer=tokenizer, quiet=args.quiet)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # the interval covers the kernels quantize queued
     seconds = time.perf_counter() - start
-    after = _eval(model, tokenizer, args) if args.eval else None
     save_quantized(model, out, tokenizer=tokenizer)
     stats = model_stats(model)
-    ternary = [r for r in report if r["precision"] == "ternary"]
-    shown = {k: v for k, v in config.to_dict().items() if v not in ([], None)}  # no empty lists, no off stages
-    rows = [
-        ("model", args.model), ("config", json.dumps(shown)),
-        ("ternary layers", f"{stats['ternary_layers']} of {len(report)} linear"),
-        ("bits per weight (ternary, with scales)", f"{stats['bits_per_weight']:.3f}"),
-        ("bits per weight (all decoder linears, FP at 16)", f"{stats['bits_per_linear_weight']:.3f}"),
-        ("sparsity", f"{stats['sparsity']:.3f}"),
-        ("mean relative error ||W-Ŵ||/||W||", f"{sum(r['rel_error'] for r in ternary) / len(ternary):.4f}"),
-        ("compression vs FP32 / FP16", f"{stats['compression_ratio']:.2f}x / {stats['compression_ratio_fp16']:.2f}x"),
-        ("artifact", f"{out} ({directory_bytes(out) / 2**20:.1f} MiB)"),
-        ("quantize time", f"{seconds:.1f} s"),
-    ]
-    if before and after:
-        rows += [
-            (f"perplexity FP ({args.data}, {before['windows']}x{args.seq_len})", f"{before['ppl']:.2f}"),
-            ("perplexity ternary", f"{after['ppl']:.2f}"),
-            ("token accuracy FP / ternary", f"{before['token_accuracy']:.4f} / {after['token_accuracy']:.4f}"),
-        ]
-    print(_table(rows))
+    del model  # evaluate the saved artifact, loaded as `atq eval` loads it: the numbers describe what was written
+    after = _eval(load_model(str(out), dtype=DTYPES[args.dtype], device=device)[0], tokenizer, args
+                  ) if args.eval else None
+    record = {"ppl_fp": before and before["ppl"], "ppl_ternary": after and after["ppl"],
+              "windows": after and after["windows"], "quantize_seconds": seconds,
+              "bits_per_weight": stats["bits_per_weight"], "artifact_bytes": directory_bytes(out),
+              "recipe": {"preset": preset, "config": config.to_dict()}, "device": name,
+              "model": args.model, "artifact": str(out), "data": str(args.data) if args.eval else None,
+              "seq_len": args.seq_len if args.eval else None, "total_seconds": time.perf_counter() - started}
+    print(_table(_quantize_rows(args, report, stats, record, before, after)))
+    if args.json:
+        write_json(args.json, record)
     return 0
+
+
+def _quantize_rows(args, report, stats, record, before, after) -> list[tuple[str, str]]:
+    errors = [r["rel_error"] for r in report if r["precision"] == "ternary"]
+    stages = {k: v for k, v in record["recipe"]["config"].items() if v not in ([], None)}  # the stages that run
+    ratios = stats["compression_ratio"], stats["compression_ratio_fp16"]
+    rows = [("model", args.model), ("preset", record["recipe"]["preset"]), ("config", json.dumps(stages)),
+            ("ternary layers", f"{stats['ternary_layers']} of {len(report)} linear"),
+            ("bits per weight (ternary, with scales)", f"{stats['bits_per_weight']:.3f}"),
+            ("bits per weight (all decoder linears, FP at 16)", f"{stats['bits_per_linear_weight']:.3f}"),
+            ("sparsity", f"{stats['sparsity']:.3f}"),
+            ("mean relative error ||W-Ŵ||/||W||", f"{sum(errors) / len(errors):.4f}"),
+            ("compression vs FP32 / FP16", f"{ratios[0]:.2f}x / {ratios[1]:.2f}x"),
+            ("artifact", f"{record['artifact']} ({record['artifact_bytes'] / 2**20:.1f} MiB)"),
+            ("quantize time", f"{record['quantize_seconds']:.1f} s")]
+    if before and after:
+        accuracy = f"{before['token_accuracy']:.4f} / {after['token_accuracy']:.4f}"
+        rows += [(f"perplexity FP ({args.data}, {before['windows']}x{args.seq_len})", f"{before['ppl']:.2f}"),
+                 ("perplexity ternary (the saved artifact)", f"{after['ppl']:.2f}"),
+                 ("token accuracy FP / ternary", accuracy)]
+    return rows + [("total time", f"{record['total_seconds']:.1f} s")]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -232,7 +223,6 @@ def _init_distributed(device: str) -> tuple[int, str]:
     and return (rank, this process's device); otherwise (0, the usual device)."""
     import os
 
-    import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -284,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "train": cmd_train,
-                "export": cmd_export}[args.command](args)
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "train": cmd_train, "export": cmd_export,
+                "generate": cmd_generate}[args.command](args)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
         print(f"atq {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,14 +1,74 @@
 """Command-line flags: ``atq quantize``'s config flags, generated from QuantConfig's keyword table so that every
-keyword has exactly one flag, with the help text that lives beside the field (``--preset`` is the base the given
-flags override); ``with_defaults`` for wrapper scripts that preset flags."""
+keyword has exactly one flag, with the help text that lives beside the field. ``--preset`` is the base the given
+flags override; the default, ``auto``, picks by device (``gpu`` on CUDA, else ``cpu``), so that ``atq quantize``
+with no options gives a usable model. ``with_defaults`` for wrapper scripts that preset flags."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
 
 from .config import QuantConfig
 
-PRESETS = {"seed": QuantConfig.seed, "bitnet": QuantConfig.bitnet}
+
+class Preset(NamedTuple):
+    build: Callable[[], QuantConfig]
+    why: str
+
+
+PRESETS = {
+    "gpu": Preset(lambda: QuantConfig(calibration="wikitext2_valid", planes=2, packing="base3", group_size=128,
+                                      rotation="hadamard", reconstruct_steps=256, end_to_end_steps=128),
+                  "the best two-plane recipe that fits the GPU time budget: GPTQ, block reconstruction and "
+                  "end-to-end tuning"),
+    "cpu": Preset(lambda: QuantConfig(calibration="wikitext2_valid", calibration_windows=16, calibration_seq_len=512,
+                                      planes=2, packing="base3", group_size=128, rotation="hadamard"),
+                  "calibrated GPTQ on two planes, short windows, no tuning stages (their backward passes "
+                  "are what a CPU cannot afford): usable within the CPU time budget"),
+    "data-free": Preset(QuantConfig, "QuantConfig(): no data, seconds, but small models lose most of their quality"),
+    "seed": Preset(QuantConfig.seed, "the seed project's recipe: one scale per tensor, cut at 0.7*std(W)"),
+    "bitnet": Preset(QuantConfig.bitnet, "per-tensor absmean scales, int8 activations (W1.58A8)"),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTO = "auto"  # the default preset: gpu when the device is a CUDA GPU, else cpu
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other name as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def device_description(device: str) -> str:
+    """``cpu``, or the GPU's name (what results record as the device a number was measured on)."""
+    return torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "cpu"
+
+
+def add_quantize_parser(commands: argparse._SubParsersAction) -> None:
+    """``atq quantize``: the model, output and evaluation options, then ``--preset`` and the config flags."""
+    q = commands.add_parser("quantize", help="ternarise a model and save a packed artifact")
+    q.add_argument("--model", default="smollm2", help="hub id, local dir, .gguf file, or smollm2 (default)")
+    q.add_argument("--out", default=None, help="artifact directory (default out/<model>-atq)")
+    q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the FP parts and activations")
+    q.add_argument("--eval", action="store_true", help="perplexity of the FP model and of the saved artifact")
+    q.add_argument("--json", default=None, help="also write the run's numbers and recipe to this JSON file")
+    add_eval_options(q)
+    add_config_flags(q)
+
+
+def add_eval_options(parser: argparse.ArgumentParser) -> None:
+    """The evaluation options that ``atq quantize --eval`` and ``atq eval`` share."""
+    parser.add_argument("--data", default="wikitext2", help="evaluation text: wikitext2 or a file path")
+    parser.add_argument("--seq-len", type=int, default=2048, help="evaluation window length (tokens)")
+    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def flag(keyword_name: str) -> str:
@@ -17,11 +77,12 @@ def flag(keyword_name: str) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per QuantConfig keyword. No flag has a default of its own (argparse.SUPPRESS): only the flags
-    given reach the config, on top of the preset's or QuantConfig's defaults."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="the base config that the other flags override; seed: the seed project's recipe; "
-                             "bitnet: per-tensor absmean, int8 activations (W1.58A8)")
+    """``--preset`` and one flag per QuantConfig keyword. No keyword flag has a default of its own
+    (argparse.SUPPRESS): only the flags given reach the config, on top of the preset's."""
+    presets = "; ".join(f"{name}: {preset.why}" for name, preset in PRESETS.items()).replace("%", "%%")
+    parser.add_argument("--preset", choices=[AUTO, *PRESETS], default=AUTO,
+                        help=f"the base config that the other flags override; {AUTO} (default): gpu on a CUDA "
+                             f"device, else cpu; {presets}")
     group = parser.add_argument_group("quantization config (QuantConfig keywords)")
     for keyword in QuantConfig.keywords():
         help = keyword.help.replace("%", "%%")
@@ -37,11 +98,55 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag(keyword.name), **options)
 
 
+def preset_name(args: argparse.Namespace) -> str:
+    """The preset a run uses: ``--preset``, with ``auto`` resolved by ``--device`` (gpu on CUDA, else cpu)."""
+    name = getattr(args, "preset", None) or AUTO
+    if name != AUTO:
+        return name
+    return "gpu" if torch.device(resolve_device(getattr(args, "device", "auto"))).type == "cuda" else "cpu"
+
+
+def given_keywords(args: argparse.Namespace) -> dict:
+    """The QuantConfig keywords given as flags (those left out are not in ``args``)."""
+    return {k.name: getattr(args, k.name) for k in QuantConfig.keywords() if hasattr(args, k.name)}
+
+
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
-    """The preset (or QuantConfig's defaults) with the keyword flags that were given applied on top."""
-    base = PRESETS[args.preset]() if getattr(args, "preset", None) else QuantConfig()
-    given = {k.name: getattr(args, k.name) for k in QuantConfig.keywords() if hasattr(args, k.name)}
-    return base.replace(**given)
+    """The preset's config with the keyword flags that were given applied on top; when they clash with the preset,
+    the error says which preset they were applied to and how to start from QuantConfig()'s defaults."""
+    name = preset_name(args)
+    try:
+        return PRESETS[name].build().replace(**given_keywords(args))
+    except ValueError as error:
+        if name == "data-free":
+            raise
+        raise ValueError(f"{error} (the flags apply on top of --preset {name}; --preset data-free starts from "
+                         "QuantConfig()'s defaults)") from error
+
+
+def require_texts(config: QuantConfig, evaluation: str | None) -> None:
+    """Fail now, naming the source, when the calibration or evaluation text cannot be read: before a model loads."""
+    from .data import load_text
+
+    calibration = config.calibration.source if config.calibration else None
+    for source in (evaluation, calibration):
+        if source not in (None, "generated"):
+            load_text(source)
+
+
+def rotatable_config(config: QuantConfig, model: nn.Module, args: argparse.Namespace) -> QuantConfig:
+    """``config`` without the preset's rotation, with a note, for a model that cannot be rotated (rotation fuses
+    into Llama-family models only); a rotation given with --rotation is kept, for quantize to refuse."""
+    from .rotation import check_rotatable
+
+    if config.rotation is None or "rotation" in given_keywords(args):
+        return config
+    try:
+        check_rotatable(model)
+    except ValueError as error:
+        print(f"atq: the preset's rotation is off for this model ({error})", flush=True)
+        return config.replace(rotation=None)
+    return config
 
 
 def with_defaults(command: str, defaults: list[str], extra: list[str]) -> list[str]:
