@@ -21,12 +21,11 @@ FLAGS = ["--mode", "--sparsity", "--threshold", "--alpha", "--granularity", "--g
 # A value other than the default for every QuantConfig keyword, consistent with each other.
 SAMPLE = {"mode": "magnitude", "sparsity": 0.25, "threshold": 0.03, "alpha": 0.9, "granularity": "row",
           "group_size": 32, "include": ["mlp", "attn"], "exclude": ["o_proj"], "quantize_head": True, "planes": 2,
-          "packing": "base3", "activations": "int8", "rotation": "hadamard", "calibration": "generated",
+          "packing": "base3", "activations": "int8", "embedding": "q8_0", "rotation": "hadamard", "calibration": "generated",
           "calibration_windows": 16, "calibration_seq_len": 256, "compensation": False, "damp": 0.05,
           "block_size": 32, "reconstruct_steps": 12, "reconstruct_lr": 2e-3, "reconstruct_target": "block",
           "reconstruct_weight_lr": 1e-5, "end_to_end_steps": 6, "end_to_end_lr": 3e-5, "fp_fraction": 0.1,
           "sensitivity": "measured"}
-
 
 
 def quantization_config(artifact):
@@ -100,7 +99,7 @@ def test_quantize_json_equals_the_printed_table_and_the_api(tiny_model_dir, text
     # the reference: the FP model and the saved artifact, each loaded and evaluated on its own through the API
     fp_model, tokenizer = atq.load_model(str(tiny_model_dir))
     fp = atq.evaluate(fp_model, tokenizer, str(text_file), seq_len=16, quiet=True)
-    ternary = atq.evaluate(atq.load_quantized(out), tokenizer, str(text_file), seq_len=16, quiet=True)
+    ternary = atq.evaluate(atq.load_model(str(out))[0], tokenizer, str(text_file), seq_len=16, quiet=True)
     assert run["ppl_fp"] == pytest.approx(fp["ppl"], rel=1e-9)
     assert run["ppl_ternary"] == pytest.approx(ternary["ppl"], rel=1e-9)
     assert f"{ternary['ppl']:.2f}" != f"{fp['ppl']:.2f}"  # the two can be told apart at the printed precision
@@ -361,10 +360,9 @@ def _answers(printed: str) -> dict[str, str]:
 
 
 def test_generate_streams_the_greedy_answer_under_the_chat_template(word_artifact, capsys):
-    from transformers import AutoTokenizer
 
     _, out = word_artifact
-    model, tokenizer = atq.load_quantized(out), AutoTokenizer.from_pretrained(out)
+    model, tokenizer = atq.load_model(str(out))
     templated = _greedy(model, tokenizer, "w1 w7 w9 w2", 12)  # the template applied by hand
     plain = _greedy(model, tokenizer, "w7 w9", 12)
     assert len(templated.split()) == 12 and templated != plain
@@ -391,7 +389,7 @@ def test_generate_compare_prints_the_fp_answer_after_the_ternary_one(word_artifa
 
     fp_dir, out = word_artifact
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
-    ternary = _greedy(atq.load_quantized(out), tokenizer, "w1 w4 w2", 10)
+    ternary = _greedy(atq.load_model(str(out))[0], tokenizer, "w1 w4 w2", 10)
     fp = _greedy(AutoModelForCausalLM.from_pretrained(fp_dir), tokenizer, "w1 w4 w2", 10)
     other_dir = _word_model_dir(tmp_path / "other", seed=4)
     other = _greedy(AutoModelForCausalLM.from_pretrained(other_dir), tokenizer, "w1 w4 w2", 10)
