@@ -3,6 +3,7 @@ the embedding (and its tied head) stored in bf16, in Q8_0 or in Q4_0 blocks.
 
     python benchmarks/artifact_sizes.py [--model smollm2] [--out results/artifact_smollm2.json] [--max-windows N]
                                         [--only TEXT ...] [--set FIELD=VALUE ...]
+    python benchmarks/artifact_sizes.py --sizes-only --out results/artifact_smollm2_sizes.json   # CPU, bytes only
 
 Per recipe it quantizes once (``measure.measure_recipe``: ``ppl`` is the in-memory FP32 model's perplexity, the
 recipe's own number as in results/ptq_smollm2.json), then for each embedding storage saves the artifact (FP parts in bf16,
@@ -40,7 +41,8 @@ EMBEDDINGS = ("fp", "q8_0", "q4_0")
 
 
 def measure_embeddings(model, config, tokenizer, windows, device: str) -> list[dict]:
-    """One row per embedding storage of the quantized ``model``: bytes by part and the loaded artifact's ppl."""
+    """One row per embedding storage of the quantized ``model``: bytes by part and the loaded artifact's ppl
+    (None without ``windows``)."""
     rows = []
     for kind in EMBEDDINGS:
         variant = copy.deepcopy(model)
@@ -48,13 +50,12 @@ def measure_embeddings(model, config, tokenizer, windows, device: str) -> list[d
         variant.atq_config = config.replace(embedding=kind)
         with tempfile.TemporaryDirectory() as tmp:
             directory = save_quantized(variant, Path(tmp) / "artifact", tokenizer=tokenizer)
-            loaded = load_quantized(directory, device=device)
-            result = evaluate_windows(loaded, windows, quiet=True)
+            result = {"ppl": None, "token_accuracy": None} if windows is None else evaluate_windows(
+                load_quantized(directory, device=device), windows, quiet=True)
             rows.append({"embedding": kind, "bytes": artifact_breakdown(directory), "ppl_artifact": result["ppl"],
                          "token_accuracy_artifact": result["token_accuracy"]})
-        del variant, loaded
-        print(f"  {kind}: {rows[-1]['bytes']['total'] / 1e6:.1f} MB, ppl {rows[-1]['ppl_artifact']:.3f}",
-              file=sys.stderr)
+        del variant
+        print(f"  {kind}: {rows[-1]['bytes']['total'] / 1e6:.1f} MB, ppl {rows[-1]['ppl_artifact']}", file=sys.stderr)
     return rows
 
 
@@ -66,7 +67,12 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", default=None, help="recipes whose name contains one of these")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes-only", action="store_true",
+                        help="bytes only, on the CPU in a minute: each recipe's shapes quantized data-free (no "
+                             "calibration, no evaluation); the artifact records the full recipe")
     args = parser.parse_args()
+    if args.sizes_only:
+        return sizes_only(args)
     overrides = {k: json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
                  for k, _, v in (text.partition("=") for text in args.set)}
     configs = {name: dict(METHODS)[method].replace(**overrides) for name, method in RECIPES.items()
@@ -88,6 +94,23 @@ def main() -> int:
     return 0
 
 
+def sizes_only(args: argparse.Namespace) -> int:
+    """The artifact bytes of every recipe and embedding storage: they depend on the shapes, not on the values."""
+    from atq import quantize
+
+    fp_model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
+    report = {"model": args.model, "note": "bytes only: shapes quantized data-free, full recipe recorded", "rows": []}
+    for name, method in RECIPES.items():
+        config = dict(METHODS)[method]
+        model = copy.deepcopy(fp_model)
+        quantize(model, config.replace(calibration=None, reconstruct_steps=0, end_to_end_steps=0), quiet=True)
+        model.atq_config = config
+        report["rows"].append({"recipe": name, "method": method, "quant_seconds": None,
+                               "embeddings": measure_embeddings(model, config, tokenizer, None, "cpu")})
+    write_json(args.out, report)
+    return 0
+
+
 def table(report: dict) -> tuple[list[str], list[list[str]]]:
     header = ["recipe", "embedding", "artifact MB", "ternary codes + scales MB", "embedding MB", "tokenizer MB",
               "perplexity (artifact)", "vs bf16 embedding", "quantize s"]
@@ -95,12 +118,13 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
     for row in report["rows"]:
         base = row["embeddings"][0]["ppl_artifact"]
         for entry in row["embeddings"]:
-            parts = entry["bytes"]
+            parts, ppl = entry["bytes"], entry["ppl_artifact"]
             embedding = parts["embedding"] or parts["fp_tensors"]
             rows.append([row["recipe"], entry["embedding"], f"{parts['total'] / 1e6:.1f}",
                          f"{(parts['ternary_codes'] + parts['ternary_scales']) / 1e6:.1f}", f"{embedding / 1e6:.1f}",
-                         f"{parts['tokenizer'] / 1e6:.1f}", f"{entry['ppl_artifact']:.2f}",
-                         f"{100 * (entry['ppl_artifact'] / base - 1):+.2f}%", f"{row['quant_seconds']:.0f}"])
+                         f"{parts['tokenizer'] / 1e6:.1f}", "-" if ppl is None else f"{ppl:.2f}",
+                         "-" if ppl is None else f"{100 * (ppl / base - 1):+.2f}%",
+                         "-" if row["quant_seconds"] is None else f"{row['quant_seconds']:.0f}"])
     return header, rows
 
 
