@@ -9,7 +9,7 @@ import torch
 import atq
 from atq import QuantConfig
 from atq.cli import build_parser, main
-from atq.flags import config_from_args, preset_name, rotatable_config
+from atq.flags import config_from_args, preset_for_model, preset_name
 from atq.io import CHECKSUMS
 
 # The flags users and the README rely on: the generated parser must keep every one of these names.
@@ -139,9 +139,9 @@ def test_quantize_json_without_eval_has_null_perplexities(tiny_model_dir, tmp_pa
 
 def test_default_preset_follows_the_device():
     gpu = QuantConfig(calibration="wikitext2_valid", planes=2, packing="base3", group_size=128, rotation="hadamard",
-                      reconstruct_steps=256, end_to_end_steps=128)
+                      reconstruct_steps=256, end_to_end_steps=128, embedding="q8_0")
     cpu = QuantConfig(calibration="wikitext2_valid", calibration_windows=16, calibration_seq_len=512, planes=2,
-                      packing="base3", group_size=128, rotation="hadamard")
+                      packing="base3", group_size=128, rotation="hadamard", embedding="q8_0")
     parse = build_parser().parse_args
     for argv, preset, config in [(["--device", "cuda"], "gpu", gpu), (["--device", "cuda:1"], "gpu", gpu),
                                  (["--device", "cpu"], "cpu", cpu), (["--preset", "cpu", "--device", "cuda"], "cpu", cpu),
@@ -156,15 +156,19 @@ def test_default_preset_follows_the_device():
         config_from_args(parse(["quantize", "--device", "cpu", "--mode", "sparsity"]))  # calibrated, two planes
 
 
-def test_a_presets_rotation_is_dropped_for_a_model_that_cannot_rotate(tiny_gpt2, tiny_llama, capsys):
+def test_a_presets_rotation_and_embedding_blocks_are_dropped_where_the_model_cannot_take_them(tiny_gpt2, capsys):
+    from .conftest import make_llama
+
     args = build_parser().parse_args(["quantize", "--device", "cpu"])
     config = config_from_args(args)
-    assert config.rotation == "hadamard"
-    assert rotatable_config(config, tiny_llama, args) is config
-    assert rotatable_config(config, tiny_gpt2, args) == config.replace(rotation=None)
+    assert config.rotation == "hadamard" and config.embedding == "q8_0"
+    assert preset_for_model(config, make_llama(hidden=64), args) is config
+    assert preset_for_model(config, make_llama(hidden=72), args) == config.replace(embedding="fp")  # 72 % 32
+    assert "q8_0 embedding is off" in capsys.readouterr().out
+    assert preset_for_model(config, tiny_gpt2, args) == config.replace(rotation=None, embedding="fp")
     assert "rotation is off" in capsys.readouterr().out
-    given = build_parser().parse_args(["quantize", "--device", "cpu", "--rotation", "hadamard"])
-    assert rotatable_config(config, tiny_gpt2, given) is config  # asked for by name: quantize refuses it
+    given = build_parser().parse_args(["quantize", "--device", "cpu", "--rotation", "hadamard", "--embedding", "q8_0"])
+    assert preset_for_model(config, tiny_gpt2, given) is config  # asked for by name: quantize refuses it
 
 
 def test_seed_preset(tiny_model_dir, tmp_path):

@@ -110,7 +110,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"{f' ({name})' if name != device else ''}", flush=True)
     out = Path(args.out or f"out/{Path(args.model).stem}-atq")
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
-    config = flags.rotatable_config(config, model, args)
+    config = flags.preset_for_model(config, model, args)
     before = _eval(model, tokenizer, args) if args.eval else None  # ends on a host sync (the loss's float())
     start = time.perf_counter()
     report = quantize(model, config, tokenizer=tokenizer, quiet=args.quiet)
