@@ -121,3 +121,16 @@ def test_quantize_refuses_rotation_of_gpt2_before_touching_it(tiny_gpt2):
         quantize(tiny_gpt2, QuantConfig(rotation="orthogonal"))
     after = tiny_gpt2.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rotated_base_model_takes_positional_and_keyword_inputs():
+    """The entry hook turns input_ids into rotated embeddings however the base model is called."""
+    model, rotated = make_llama(seed=2, hidden=48).double(), make_llama(seed=2, hidden=48).double()
+    rotate_model(rotated, "hadamard")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = model.model(ids, mask).last_hidden_state
+        for hidden in (rotated.model(ids, mask).last_hidden_state, rotated.model(input_ids=ids, attention_mask=mask)
+                       .last_hidden_state, rotated.model(inputs_embeds=rotated.model.embed_tokens(ids)).last_hidden_state):
+            torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-5)

@@ -211,12 +211,12 @@ class StreamRotation(FixedDtypeBuffers, nn.Module):
 def _enter(rotation: StreamRotation, base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook of the base model: its embeddings (looked up here, or given) enter rotated."""
     kwargs = dict(kwargs)
-    ids = args[0] if args else kwargs.get("input_ids")
+    ids = args[0] if args else kwargs.pop("input_ids", None)
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
         embeds = base.get_input_embeddings()(ids)
-    kwargs["inputs_embeds"], kwargs["input_ids"] = rotation.apply(embeds), None
-    return (), kwargs
+    kwargs["inputs_embeds"] = rotation.apply(embeds)
+    return ((None, *args[1:]) if args else ()), kwargs
 
 
 def _leave(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
