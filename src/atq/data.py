@@ -38,10 +38,18 @@ def load_text(source: str | os.PathLike) -> str:
                 f"cannot resolve data source {name!r}: not a known name ({', '.join(DATASETS)}) "
                 "and not an existing file"
             )
-        text = path.read_text(encoding="utf-8")
+        text = _read_utf8(path)
     if not text.strip():
-        raise DataError(f"data source {name!r} is empty")
+        raise DataError(f"data source {name!r} is empty (or only whitespace): give a file with text in it")
     return text
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8 "
+                        "(e.g. iconv -t utf-8) or give another file") from error
 
 
 def _named_text(name: str) -> str:
@@ -50,7 +58,7 @@ def _named_text(name: str) -> str:
     if data_dir:
         path = Path(data_dir) / filename
         if path.is_file():
-            return path.read_text(encoding="utf-8")
+            return _read_utf8(path)
         raise DataError(f"{name}: ATQ_DATA_DIR is set but {path} does not exist")
     try:
         from datasets import load_dataset
@@ -78,10 +86,54 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = 
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     n_windows = ids.numel() // seq_len
     if n_windows == 0:
-        raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+        raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}: give more text or a "
+                        "smaller seq_len")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     return ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence ``model`` has positions for (``max_position_embeddings``; GPT-2's ``n_positions``)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(model, seq_len: int, what: str) -> None:
+    """Raise DataError naming both numbers when windows of ``seq_len`` are longer than the model's positions:
+    past them GPT-2 has no position embedding (an IndexError) and RoPE models extrapolate to a silently
+    different number."""
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise DataError(f"{what}: seq_len {seq_len} is longer than the model's {limit} positions "
+                        f"(max_position_embeddings {limit}); use seq_len <= {limit}")
+
+
+def check_windows(windows: torch.Tensor, model, batch_size: int, what: str) -> None:
+    """Raise DataError saying what is wrong with training ``windows`` (n, seq_len) for ``model``: none at all,
+    fewer than one batch, windows with nothing to predict, ids the embedding does not have, too long."""
+    if windows.ndim != 2 or windows.is_floating_point() or windows.is_complex():
+        raise DataError(f"{what}: windows must be a 2-D tensor of token ids (windows, seq_len), "
+                        f"got shape {tuple(windows.shape)} of {windows.dtype}")
+    count, seq_len = windows.shape
+    if count == 0:
+        raise DataError(f"{what}: no training windows (shape {tuple(windows.shape)}): the data gave none; give "
+                        "more text, more windows, or a shorter seq_len")
+    if count < batch_size:
+        raise DataError(f"{what}: {count} windows, fewer than batch_size {batch_size}: every batch would repeat "
+                        "windows; give more data (more text or windows) or a smaller batch_size")
+    if seq_len < 2:
+        raise DataError(f"{what}: windows of {seq_len} token have no next token to predict; seq_len must be >= 2")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embedding, "num_embeddings", None)
+    if vocab is not None and (int(windows.max()) >= vocab or int(windows.min()) < 0):
+        raise DataError(f"{what}: token ids from {int(windows.min())} to {int(windows.max())}, but the model's "
+                        f"embedding has {vocab} rows: the windows were made with another tokenizer")
+    check_seq_len(model, seq_len, what)
 
 
 @torch.no_grad()
@@ -95,6 +147,8 @@ def generated_windows(
     """
     from tqdm.auto import tqdm
 
+    if n_windows < 1 or seq_len < 2:
+        raise DataError(f"generated data needs n_windows >= 1 and seq_len >= 2, got {n_windows} and {seq_len}")
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     vocab = model.get_input_embeddings().weight.shape[0]

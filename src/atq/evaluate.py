@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import load_text, token_windows
+from .data import DataError, check_seq_len, load_text, token_windows
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -24,6 +24,9 @@ def _device_of(model: nn.Module) -> torch.device:
 @torch.inference_mode()
 def evaluate_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, quiet: bool = False) -> dict:
     """Mean NLL per window -> perplexity, plus top-1 next-token accuracy over all predicted tokens."""
+    if windows.ndim != 2 or len(windows) == 0 or windows.shape[1] < 2:
+        raise DataError(f"evaluate: windows must be (n >= 1, seq_len >= 2) token ids, got shape {tuple(windows.shape)}")
+    check_seq_len(model, windows.shape[1], "evaluate")
     device = _device_of(model)
     window_losses, correct, predicted = [], 0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=quiet, unit="batch"):
@@ -54,6 +57,7 @@ def evaluate(
     batch_size: int = 1,
     quiet: bool = False,
 ) -> dict:
+    check_seq_len(model, seq_len, "evaluate")  # before reading and tokenizing the text
     windows = token_windows(tokenizer, load_text(source), seq_len, max_windows)
     return evaluate_windows(model, windows, batch_size=batch_size, quiet=quiet) | {"seq_len": seq_len}
 

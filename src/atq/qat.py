@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .compilation import compiled
-from .config import COMPILE_MODES, QuantConfig
+from .config import COMPILE_MODES, QuantConfig, _choice, _integer, _real
+from .data import check_windows
 from .distill import distillation_loss, step_loss
 from .distributed import average, average_gradients, barrier, rank_and_world
 from .files import write_json
@@ -68,16 +69,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):
             object.__setattr__(self, "compile", "blocks" if self.compile else "off")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"TrainConfig.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("lr", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if not self.hidden_weight >= 0:
-            raise ValueError(f"TrainConfig.hidden_weight must be >= 0, got {self.hidden_weight!r}")
+        for name, check in _TRAIN_CHECKS.items():
+            if not check.ok(getattr(self, name)):
+                raise ValueError(f"TrainConfig.{name} must be {check.allowed}, got {getattr(self, name)!r}")
+
+
+# Each field's range (config.py's checks, so the messages read like QuantConfig's).
+_TRAIN_CHECKS = {
+    "steps": _integer(1), "batch_size": _integer(1), "grad_accum": _integer(1), "lr": _real(0, strict=True),
+    "warmup_steps": _integer(0), "weight_decay": _real(0), "grad_clip": _real(0)._replace(
+        allowed="a finite number >= 0 (0: no clipping)"), "temperature": _real(0, strict=True),
+    "seed": _integer(0), "checkpoint_every": _integer(0), "hidden_weight": _real(0), "compile": _choice(COMPILE_MODES),
+}
 
 
 def prepare_qat(
@@ -134,12 +137,22 @@ def batch_indices(step: int, micro: int, n_windows: int, config: TrainConfig) ->
     return out
 
 
+def _non_finite(model: nn.Module | None) -> str | None:
+    """The name of the first floating-point parameter or buffer of ``model`` that holds NaN or inf."""
+    for name, tensor in [] if model is None else [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 class _Run:
     """One ``train`` call's state: the optimizer, the log, the skipped-step count; what a checkpoint saves."""
 
     def __init__(self, student: nn.Module, config: TrainConfig, checkpoint_dir: str | Path | None,
                  log_path: str | Path | None) -> None:
         self.rank, self.world = rank_and_world()
+        if checkpoint_dir is not None:
+            checkpoint.check_directory(checkpoint_dir)
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes")
         self.student, self.config, self.checkpoint_dir, self.log_path = student, config, checkpoint_dir, log_path
@@ -202,15 +215,29 @@ class _Run:
 
     def _check_finite(self, step: int, lr: float, value: float, norm: float) -> None:
         if not math.isfinite(value):
-            # the weights are broken (the step before was finite): stop before a checkpoint could save them
+            # stop before a checkpoint could save broken weights (the step before was finite)
             where = "" if self.checkpoint_dir is None else f" in {self.checkpoint_dir}"
-            raise FloatingPointError(f"QAT diverged: loss {value} at step {step} (lr {lr:.3g}); the last checkpoint"
-                                     f"{where} is kept; lower the learning rate")
+            raise FloatingPointError(f"QAT diverged: loss {value} at step {step} (lr {lr:.3g}): {self._cause(step)}; "
+                                     f"the last checkpoint{where} is kept")
         self.skipped = self.skipped + 1 if not math.isfinite(norm) else 0
         if self.skipped > MAX_SKIPPED_STEPS:
             raise FloatingPointError(
                 f"QAT diverged: {self.skipped} steps in a row up to step {step} had a non-finite gradient"
-                f" (lr {lr:.3g}); lower the learning rate")
+                f" (lr {lr:.3g}); skipped steps leave the weights unchanged, so the learning rate is not the cause: "
+                "the backward pass overflows or a layer's gradient is NaN on these batches; train in float32 "
+                "(or bfloat16 rather than float16)")
+
+    def _cause(self, step: int) -> str:
+        """What a non-finite loss at ``step`` says about its cause."""
+        broken = _non_finite(self.student)
+        if broken is not None:
+            return (f"the student's {broken} turned non-finite after step {step - 1}; lower the learning rate "
+                    "or clip gradients harder (grad_clip)")
+        if step == self.start:
+            return ("at the first step of this run, before any update, so not the learning rate: the forward "
+                    "pass overflows on this batch (float16?); train in float32 or bfloat16")
+        return ("the weights are finite, so the forward pass overflowed on this batch (float16?); train in "
+                "float32 or bfloat16, or lower the learning rate")
 
     def save(self, done: int) -> None:
         """Checkpoint after ``done`` steps and write the log (rank 0); the other processes wait for it."""
@@ -244,7 +271,12 @@ def train(
     JSON at every checkpoint and at the end. Under torch.distributed (initialised by the caller, e.g. torchrun)
     gradients are averaged over processes and only rank 0 writes files.
     """
+    check_windows(windows, student, config.batch_size, "train")
     run = _Run(student, config, checkpoint_dir, log_path)
+    for role, model in (("student", student), ("teacher", teacher)):
+        if (broken := _non_finite(model)) is not None:
+            raise ValueError(f"train: the {role}'s {broken} holds NaN or inf before training: the model (or its "
+                             "checkpoint) is broken, not the learning rate; load it again from its source")
     if teacher is not None:
         teacher.eval()
     student.train()

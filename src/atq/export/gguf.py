@@ -16,7 +16,6 @@ are permuted as llama.cpp's own converter does (rows move with their per-row sca
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,15 @@ from ..layers import PackedTernaryLinear
 from ..rotation import folded_stream
 from ..surgery import LLAMA_LINEARS
 from ..ternary import PackedTernary
+from .gguf_metadata import ExportError, copy_metadata, open_source, write_metadata
+
+__all__ = ["ExportError", "export_gguf", "gguf_name", "permute_rows", "ternary_exact"]
 
 TERNARY_TYPES = ("tq2_0", "tq1_0", "f16")  # f16: a same-weights reference file without TQ types
 FALLBACKS = ("q8_0", "f16")
 _BLOCK = 256
 
 _BLOCK_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"} | LLAMA_LINEARS
-
-
-class ExportError(ValueError):
-    """A model or layout that the target format cannot hold as asked."""
 
 
 def gguf_name(name: str) -> str:
@@ -92,21 +90,23 @@ def export_gguf(
     config = model.config
     if getattr(config, "model_type", None) != "llama":
         raise ExportError(f"GGUF export supports Llama-architecture models, got {getattr(config, 'model_type', None)!r}")
+    if not any(isinstance(m, PackedTernaryLinear) for m in model.modules()):
+        raise ExportError("GGUF export: the model has no ternary layers (quantize it first, or load an ATQ artifact)")
+    _check_out(Path(out))
+    reader = None if metadata_from is None else open_source(metadata_from, config, out)  # before any work
     qtype = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0,
              "f16": gguf.GGMLQuantizationType.F16}[ternary_type]
     ftype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16}[fallback]
     report: dict[str, Any] = {"tensors": {}, "fallback": [], "ternary_type": ternary_type}
     tensors, ternary_weights, ternary_bytes = _ternary_tensors(model, qtype, ftype, ternary_type == "f16", report)
     tensors += _fp_tensors(model, report)
-    if not report["tensors"]:
-        raise ExportError("GGUF export: the model has no tensors")
     out = Path(out)
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
-        if metadata_from is not None:
-            _copy_metadata(writer, metadata_from)
+        if reader is not None:
+            copy_metadata(writer, reader, config)
         else:
-            _write_metadata(writer, config, tokenizer_dir)
+            write_metadata(writer, config, tokenizer_dir)
         all_ternary = not report["fallback"] and ternary_weights and ternary_type != "f16"
         writer.add_file_type(
             (gguf.LlamaFileType.MOSTLY_TQ2_0 if ternary_type == "tq2_0" else gguf.LlamaFileType.MOSTLY_TQ1_0)
@@ -120,6 +120,15 @@ def export_gguf(
     report |= {"path": str(out), "bytes": out.stat().st_size, "ternary_weights": ternary_weights,
                "bits_per_ternary_weight": 8 * ternary_bytes / ternary_weights if ternary_weights else 0.0}
     return report
+
+
+def _check_out(out: Path) -> None:
+    """An existing file at ``out`` is replaced only if it is a GGUF (an earlier export), never a user's file."""
+    if out.is_file():
+        with open(out, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise FileExistsError(f"{out} exists and is not a GGUF file; refusing to replace it. "
+                                      "Choose another output path (nothing was written)")
 
 
 def _llama_cpp_rows(model: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -210,53 +219,3 @@ def _block_tensors(model: nn.Module, report: dict[str, Any], tied: bool) -> list
         tensors.append((gguf_name(name) + ".weight", np.concatenate([scales, codes], -1).reshape(rows, -1), kind))
         report["tensors"][name] = kind.name
     return tensors
-
-
-def _copy_metadata(writer, source: str | os.PathLike) -> None:
-    """Every key of ``source`` except the ones this file sets itself (architecture, file type)."""
-    import gguf
-
-    reader = gguf.GGUFReader(source)
-    if reader.fields["general.architecture"].contents() != "llama":
-        raise ExportError(f"{source}: metadata of a non-Llama model")
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        vtype = field.types[0]
-        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
-
-
-def _write_metadata(writer, config, tokenizer_dir: str | os.PathLike | None) -> None:
-    """Llama keys from the HF config; a BPE tokenizer (vocab + merges) from ``tokenizer.json``."""
-    import gguf
-
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    rope = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
-    writer.add_rope_freq_base(float(rope or 10000.0))
-    writer.add_vocab_size(config.vocab_size)
-    path = Path(tokenizer_dir or "") / "tokenizer.json"
-    if tokenizer_dir is None or not path.is_file():
-        raise ExportError("GGUF export needs metadata_from (a source GGUF) or a directory with tokenizer.json")
-    spec = json.loads(path.read_text())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise ExportError(f"{path}: tokenizer type {model.get('type')!r}; GGUF export writes BPE tokenizers only "
-                          "(pass metadata_from=<source .gguf> to copy one)")
-    vocab = sorted(model["vocab"].items(), key=lambda item: item[1])
-    tokens = [token for token, _ in vocab] + [f"[PAD{i}]" for i in range(config.vocab_size - len(vocab))]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
-    writer.add_token_merges(merges)
-    for attribute, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
-        if getattr(config, attribute, None) is not None:
-            add(int(getattr(config, attribute)))
