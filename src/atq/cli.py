@@ -17,10 +17,11 @@ import torch
 
 from . import flags
 from .config import COMPILE_MODES, QuantConfig
-from .files import write_json
+from .files import check_replaceable, write_json
 from .flags import AUTO, DTYPES, config_from_args, device_description, preset_name
 from .flags import resolve_device as _device
 from .generate import add_generate_parser, cmd_generate
+from .io import is_artifact
 from .stats import directory_bytes, model_stats
 
 
@@ -70,6 +71,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     x.add_argument("--format", choices=["gguf", "hf"], required=True,
                    help="gguf: llama.cpp (TQ2_0/TQ1_0); hf: transformers' BitNet checkpoint")
     x.add_argument("--out", required=True, help="output file (gguf) or directory (hf)")
+    x.add_argument("--overwrite", action="store_true", help="hf: replace a non-empty --out directory")
     x.add_argument("--metadata-from", default=None,
                    help="gguf: copy metadata and tokenizer from this GGUF ('smollm2': the bundled one)")
     x.add_argument("--ternary-type", choices=["tq2_0", "tq1_0"], default="tq2_0")
@@ -109,6 +111,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"atq quantize: preset {preset}{' (auto)' if args.preset == AUTO else ''}, device {device}"
           f"{f' ({name})' if name != device else ''}", flush=True)
     out = Path(args.out or f"out/{Path(args.model).stem}-atq")
+    check_replaceable(out, lambda path: args.overwrite or is_artifact(path))  # before minutes of work
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
     config = flags.preset_for_model(config, model, args)
     before = _eval(model, tokenizer, args) if args.eval else None  # ends on a host sync (the loss's float())
@@ -117,7 +120,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)  # the interval covers the kernels quantize queued
     seconds = time.perf_counter() - start
-    save_quantized(model, out, tokenizer=tokenizer)
+    save_quantized(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     stats = model_stats(model)
     del model  # evaluate the saved artifact, loaded as `atq eval` loads it: the numbers describe what was written
     after = _eval(load_model(str(out), dtype=DTYPES[args.dtype], device=device)[0], tokenizer, args
@@ -163,11 +166,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(_table([("model", args.model), ("data", str(args.data)), ("windows", f"{result['windows']}x{args.seq_len}"),
                   ("perplexity", f"{result['ppl']:.3f}"), ("token accuracy", f"{result['token_accuracy']:.4f}")]))
     if args.json:
-        Path(args.json).write_text(json.dumps(result | {"model": args.model, "data": str(args.data)}, indent=2))
+        write_json(args.json, result | {"model": args.model, "data": str(args.data)})
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import check_directory
     from .data import cached_generated_windows, load_text, token_windows
     from .io import save_quantized
     from .models import load_model
@@ -178,6 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          hidden_weight=args.hidden_weight, compile=args.compile)
     sources = args.data.split("+")
     texts = {source: load_text(source) for source in sources if source != "generated"}  # fail before loading models
+    check_directory(f"{args.out}.ckpt")
+    check_replaceable(Path(args.out), is_artifact)
     rank, device = _init_distributed(args.device)
     teacher, tokenizer = load_model(args.model, device=device)
     student = load_model(args.init, device=device)[0] if args.init else copy.deepcopy(teacher)
@@ -265,7 +271,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     from .export.hf import export_hf
 
-    report = export_hf(model, args.out, dequantize=args.dequantize, tokenizer=tokenizer)
+    report = export_hf(model, args.out, dequantize=args.dequantize, tokenizer=tokenizer, overwrite=args.overwrite)
     print(_table([(k, str(v)) for k, v in report.items()]))
     return 0
 
@@ -276,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "train": cmd_train, "export": cmd_export,
                 "generate": cmd_generate}[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
-        print(f"atq {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError, FloatingPointError) as error:
+        print(f"atq {args.command}: error: {error}", file=sys.stderr)  # one line; exit 2 as argparse's errors
         return 2
 
 

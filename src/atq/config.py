@@ -8,10 +8,10 @@ The stage fields' flat keywords (``reconstruct_steps=`` ...) stay: they are the 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+from .checks import BOOL, PATTERNS, Check, choice, integer, real
 
 MODES = ("sparsity", "magnitude", "mse", "absmean")
 GRANULARITIES = ("tensor", "row", "group")
@@ -20,40 +20,7 @@ EMBEDDINGS = ("fp", "q8_0", "q4_0")  # embedding.py: llama.cpp's Q8_0 / Q4_0 blo
 COMPILE_MODES = ("off", "blocks", "model")  # TrainConfig.compile (qat.py)
 
 
-class _Check(NamedTuple):
-    ok: Callable[[Any], bool]
-    allowed: str  # completes "<field> must be ..."
-    choices: tuple | None = None
-
-
-def _choice(options: tuple, optional: bool = False) -> _Check:
-    return _Check(lambda v: (optional and v is None) or v in options,
-                  f"{'None or ' if optional else ''}one of {options}", options)
-
-
-def _integer(low: int, high: int | None = None) -> _Check:
-    return _Check(lambda v: type(v) is int and low <= v and (high is None or v <= high),
-                  f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
-
-
-def _real(low: float, high: float | None = None, *, strict: bool = False, optional: bool = False) -> _Check:
-    """A finite number >= low (> low when strict), below high when given."""
-    def ok(v: Any) -> bool:
-        if optional and v is None:
-            return True
-        real = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        return real and (v > low if strict else v >= low) and (high is None or v < high)
-    text = (f"in {'(' if strict else '['}{low:g}, {high:g})" if high is not None
-            else f"a finite number {'>' if strict else '>='} {low:g}")
-    return _Check(ok, ("None or " if optional else "") + text)
-
-
-_BOOL = _Check(lambda v: isinstance(v, bool), "True or False")
-_PATTERNS = _Check(lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v),
-                   "a list or tuple of regular expressions, e.g. ['mlp'] (a single string is not accepted)")
-
-
-def _field(default: Any, help: str, check: _Check, **metadata: Any) -> Any:
+def _field(default: Any, help: str, check: Check, **metadata: Any) -> Any:
     """A field with its help (the CLI's), its check and, in a stage, its flat ``keyword``; a stage's switch also
     has the keyword value that turns the stage ``off`` and how to turn it ``on``."""
     return dataclasses.field(default=default, metadata={"help": help, "check": check, **metadata})
@@ -70,31 +37,31 @@ class Calibration(_Stage):
 
     source: str | None = _field(  # None: quantize(calibration=windows) gets the windows
         "wikitext2_valid", "calibrate on wikitext2_valid, a text file, or generated (text sampled from the FP "
-        "model); default: no calibration", _Check(lambda v: v is None or (isinstance(v, str) and v != ""),
+        "model); default: no calibration", Check(lambda v: v is None or (isinstance(v, str) and v != ""),
         "None, 'wikitext2_valid', 'generated' or a text file path"), keyword="calibration", off=None,
         on="calibration=SOURCE")
-    windows: int = _field(128, "calibration windows", _integer(1), keyword="calibration_windows")
-    seq_len: int = _field(2048, "tokens per calibration window", _integer(2), keyword="calibration_seq_len")
+    windows: int = _field(128, "calibration windows", integer(1), keyword="calibration_windows")
+    seq_len: int = _field(2048, "tokens per calibration window", integer(2), keyword="calibration_seq_len")
     compensation: bool = _field(True, "GPTQ error compensation: push each column's error onto the columns not "
-                                "yet quantized through the inverse Hessian", _BOOL, keyword="compensation")
-    damp: float = _field(0.01, "Hessian dampening, a fraction of its mean diagonal", _real(0, strict=True),
+                                "yet quantized through the inverse Hessian", BOOL, keyword="compensation")
+    damp: float = _field(0.01, "Hessian dampening, a fraction of its mean diagonal", real(0, strict=True),
                          keyword="damp")
-    block_size: int = _field(128, "columns per lazy GPTQ update", _integer(1), keyword="block_size")
+    block_size: int = _field(128, "columns per lazy GPTQ update", integer(1), keyword="block_size")
 
 
 @dataclass(frozen=True)
 class Reconstruction(_Stage):
     """Block-wise reconstruction after GPTQ: tune each decoder block's scales against the FP output."""
 
-    steps: int = _field(96, "Adam steps of block-wise reconstruction per decoder block (0: off)", _integer(1),
+    steps: int = _field(96, "Adam steps of block-wise reconstruction per decoder block (0: off)", integer(1),
                         keyword="reconstruct_steps", off=0, on="reconstruct_steps=N (N > 0)")
-    lr: float = _field(1e-3, "learning rate of block-wise reconstruction", _real(0, strict=True),
+    lr: float = _field(1e-3, "learning rate of block-wise reconstruction", real(0, strict=True),
                        keyword="reconstruct_lr")
     target: str = _field("fp", "fp: the FP model's own activations (a block also undoes the drift of the blocks "
-                         "before it); block: the FP block applied to the quantized inputs", _choice(("fp", "block")),
+                         "before it); block: the FP block applied to the quantized inputs", choice(("fp", "block")),
                          keyword="reconstruct_target")
     weight_lr: float = _field(0.0, "also train latent weights (straight-through) at this rate, so codes can "
-                              "change (0: scales only)", _real(0), keyword="reconstruct_weight_lr")
+                              "change (0: scales only)", real(0), keyword="reconstruct_weight_lr")
 
 
 @dataclass(frozen=True)
@@ -102,8 +69,8 @@ class EndToEnd(_Stage):
     """End-to-end tuning of every scale so the model's next-token distribution matches the FP model's."""
 
     steps: int = _field(128, "steps tuning all scales against the FP model's logits (KL, codes fixed; 0: off)",
-                        _integer(1), keyword="end_to_end_steps", off=0, on="end_to_end_steps=N (N > 0)")
-    lr: float = _field(1e-4, "learning rate of end-to-end tuning (norms at a tenth)", _real(0, strict=True),
+                        integer(1), keyword="end_to_end_steps", off=0, on="end_to_end_steps=N (N > 0)")
+    lr: float = _field(1e-4, "learning rate of end-to-end tuning (norms at a tenth)", real(0, strict=True),
                        keyword="end_to_end_lr")
 
 
@@ -112,9 +79,9 @@ class MixedPrecision(_Stage):
     """Keep the most sensitive selected layers in floating point; scoring them needs calibration windows."""
 
     fp_fraction: float = _field(0.2, "fraction of layers kept FP, the most sensitive (needs calibration; 0: off)",
-                                _real(0, 1, strict=True), keyword="fp_fraction", off=0.0, on="fp_fraction=F > 0")
+                                real(0, 1, strict=True), keyword="fp_fraction", off=0.0, on="fp_fraction=F > 0")
     sensitivity: str = _field("gradient", "gradient: E[|g * dW|] from backward passes; measured: loss increase "
-                              "with that layer alone ternarised", _choice(("gradient", "measured")),
+                              "with that layer alone ternarised", choice(("gradient", "measured")),
                               keyword="sensitivity")
 
 
@@ -123,7 +90,7 @@ _STAGES = {"calibration": Calibration, "reconstruction": Reconstruction, "end_to
 
 
 def _stage(cls: type) -> dict[str, Any]:  # metadata of a QuantConfig field holding an optional stage
-    return {"help": cls.__doc__, "check": _Check(lambda v: v is None or isinstance(v, cls), f"None or {cls.__name__}")}
+    return {"help": cls.__doc__, "check": Check(lambda v: v is None or isinstance(v, cls), f"None or {cls.__name__}")}
 
 
 @dataclass(frozen=True, init=False)
@@ -137,28 +104,28 @@ class QuantConfig:
 
     mode: str = _field("mse", "sparsity: zero the smallest |w| of each scale group; magnitude: |w| <= threshold "
                        "or alpha*std(W); mse: the threshold minimising ||W - a*T||^2; absmean: BitNet b1.58",
-                       _choice(MODES))
-    sparsity: float = _field(0.5, "fraction of zeros per scale group (mode sparsity)", _real(0, 1))
+                       choice(MODES))
+    sparsity: float = _field(0.5, "fraction of zeros per scale group (mode sparsity)", real(0, 1))
     threshold: float | None = _field(None, "absolute cutoff (mode magnitude; default: alpha*std(W))",
-                                     _real(0, optional=True))
-    alpha: float = _field(0.7, "cutoff = alpha*std(W) (mode magnitude without threshold)", _real(0))
+                                     real(0, optional=True))
+    alpha: float = _field(0.7, "cutoff = alpha*std(W) (mode magnitude without threshold)", real(0))
     granularity: str = _field("group", "one scale per tensor, per output row, or per group of group_size inputs",
-                              _choice(GRANULARITIES))
-    group_size: int = _field(64, "inputs per scale group", _integer(1))
-    include: tuple[str, ...] = _field((), "regexes (re.search) of linear layer names to ternarise", _PATTERNS)
-    exclude: tuple[str, ...] = _field((), "regexes of linear layer names to keep FP", _PATTERNS)
-    quantize_head: bool = _field(False, "also ternarise the output embedding (LM head)", _BOOL)
+                              choice(GRANULARITIES))
+    group_size: int = _field(64, "inputs per scale group", integer(1))
+    include: tuple[str, ...] = _field((), "regexes (re.search) of linear layer names to ternarise", PATTERNS)
+    exclude: tuple[str, ...] = _field((), "regexes of linear layer names to keep FP", PATTERNS)
+    quantize_head: bool = _field(False, "also ternarise the output embedding (LM head)", BOOL)
     planes: int = _field(1, "trit-planes per weight, W = sum of a_k*T_k; each costs its codes and scales",
-                         _integer(1, 4))
+                         integer(1, 4))
     packing: str = _field("2bit", "2bit: 4 trits a byte (fast to unpack); base3: 5 trits a byte (1.6 bits a "
-                          "trit)", _choice(("2bit", "base3")))
+                          "trit)", choice(("2bit", "base3")))
     activations: str = _field("fp", "fp, or int8: each ternary layer's input quantized per token (absmax), as "
-                              "BitNet runtimes do", _choice(("fp", "int8")))
+                              "BitNet runtimes do", choice(("fp", "int8")))
     embedding: str = _field("fp", "fp, or q8_0 / q4_0: the embedding and LM head in llama.cpp's 8 / 4-bit blocks",
-                            _choice(EMBEDDINGS))
+                            choice(EMBEDDINGS))
     rotation: str | None = _field(None, "rotate a Llama-family model first by orthogonal matrices fused into its "
                                   "weights (same function, outliers spread over every group)",
-                                  _choice(ROTATIONS, optional=True))
+                                  choice(ROTATIONS, optional=True))
     calibration: Calibration | None = dataclasses.field(default=None, metadata=_stage(Calibration))
     reconstruction: Reconstruction | None = dataclasses.field(default=None, metadata=_stage(Reconstruction))
     end_to_end: EndToEnd | None = dataclasses.field(default=None, metadata=_stage(EndToEnd))

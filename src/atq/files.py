@@ -80,7 +80,10 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def _refuse(path: Path, may_replace: Callable[[Path], bool]) -> None:
+def check_replaceable(path: Path, may_replace: Callable[[Path], bool]) -> None:
+    """Raise FileExistsError naming ``path`` unless a write may put a directory there (callers check early, before
+    slow work, and atomic_directory checks again)."""
+    path = Path(path)
     if path.is_dir() and any(path.iterdir()) and not may_replace(path):
         raise FileExistsError(f"{path} exists and is not something this command writes; refusing to replace it. "
                               "Choose a new or empty directory, or ask to overwrite it (--overwrite).")
@@ -109,10 +112,16 @@ def atomic_directory(directory: str | os.PathLike,
     ``directory`` in one atomic step, replacing what is there only if ``may_replace(directory)``; on an error
     it is removed and ``directory`` is untouched. Checked before anything is written."""
     directory = Path(directory)
-    _refuse(directory, may_replace)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(directory, may_replace)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(error.errno, f"{directory}: cannot write there ({error.strerror})") from error
     remove_leftovers(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}{_TMP}{os.getpid()}-", dir=directory.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}{_TMP}{os.getpid()}-", dir=directory.parent))
+    except OSError as error:
+        raise OSError(error.errno, f"{directory}: cannot write there ({error.strerror})") from error
     try:
         yield tmp
         _fsync_tree(tmp)

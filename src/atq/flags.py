@@ -55,7 +55,9 @@ def add_quantize_parser(commands: argparse._SubParsersAction) -> None:
     """``atq quantize``: the model, output and evaluation options, then ``--preset`` and the config flags."""
     q = commands.add_parser("quantize", help="ternarise a model and save a packed artifact")
     q.add_argument("--model", default="smollm2", help="hub id, local dir, .gguf file, or smollm2 (default)")
-    q.add_argument("--out", default=None, help="artifact directory (default out/<model>-atq)")
+    q.add_argument("--out", default=None, help="artifact directory (default out/<model>-atq); an existing one is "
+                   "replaced only if it is an ATQ artifact")
+    q.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an ATQ artifact")
     q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the FP parts and activations")
     q.add_argument("--eval", action="store_true", help="perplexity of the FP model and of the saved artifact")
     q.add_argument("--json", default=None, help="also write the run's numbers and recipe to this JSON file")

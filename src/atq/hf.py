@@ -62,6 +62,7 @@ class AtqHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         files = kwargs.get("checkpoint_files") or []
+        self.checkpoint_files = list(files)
         directory = Path(files[0]).parent if files else None
         for file in files:
             check_consistent(self.quantization_config.to_dict(), file)
@@ -75,7 +76,7 @@ class AtqHfQuantizer(HfQuantizer):
             raise ArtifactError(f"quantization_config does not describe a loadable model: {error!r}") from error
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        check_loaded(model)
+        check_loaded(model, getattr(self, "checkpoint_files", []))
         qconfig = self.quantization_config
         model.atq_config = QuantConfig.from_dict(getattr(qconfig, "recipe", {}))
         model.atq_report = ([{"name": n, "precision": "ternary", **m} for n, m in qconfig.modules.items()]

@@ -223,12 +223,26 @@ def build_skeleton(model: nn.Module, qconfig: dict[str, Any]) -> None:
         quantized_embedding_frames(model, qconfig["embedding"], qconfig["embedding_tied"], dtype)
 
 
-def check_loaded(model: nn.Module) -> None:
-    """Finish a loaded model: rebuild the stream rotation's Q, and raise if a packed layer holds codes no packing
-    produces (corruption the checksums cannot see in a checkpoint written without them, e.g. by save_pretrained)."""
+def check_loaded(model: nn.Module, weights_files: list[str | os.PathLike] = ()) -> None:
+    """Finish a loaded model: rebuild the stream rotation's Q; raise if a tensor the model holds is in none of
+    ``weights_files`` (transformers would have left it at random: a config.json edited to more layers), or if a
+    packed layer holds codes no packing produces (what checksums cannot see where there are none)."""
+    from safetensors import safe_open
+
     rotation = getattr(getattr(model, "model", None), "atq_rotation", None)
     if rotation is not None:
         rotation.materialize()
+    if weights_files:
+        stored = set()
+        for file in weights_files:
+            with safe_open(str(file), "pt") as handle:
+                stored |= set(handle.keys())
+        state = model.state_dict()
+        present = {state[key].data_ptr() for key in stored if key in state}
+        missing = [key for key, value in state.items() if key not in stored and value.data_ptr() not in present]
+        if missing:
+            raise ArtifactError(f"config.json describes tensors the weights file lacks ({missing[:3]}...): "
+                                "the config was edited or belongs to other weights")
     for name, module in model.named_modules():
         if isinstance(module, PackedTernaryLinear):
             try:

@@ -107,11 +107,23 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else source)
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else source)
+        model, tokenizer = _from_directory_or_hub(path, source)
     model.to(device=device or "cpu", dtype=dtype).eval()
     model.atq_source = source
     return model, tokenizer
+
+
+def _from_directory_or_hub(path: Path, source: str) -> tuple[nn.Module, object]:
+    """A local checkpoint directory, or a hub id; a path that does not exist is not sent to the hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise FileNotFoundError(f"{source}: no such file or directory (a hub id has the form owner/name)")
+    name = str(path) if path.exists() else source
+    try:
+        return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        raise OSError(f"{source}: not a local checkpoint, and the hub did not give it ({error})") from error
 
 
 def _require_gguf() -> None:

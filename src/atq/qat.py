@@ -5,8 +5,8 @@ atomic checkpoints that resume to the same next-step loss as an uninterrupted ru
 Batches are a pure function of (seed, step): a permutation per epoch drawn from a generator seeded by
 (seed, epoch). A resumed run therefore needs no data-loader state beyond the step counter.
 
-This module holds the loop; the losses are in distill.py, torch.compile in compilation.py, torch.distributed in
-distributed.py and the checkpoint files in checkpoint.py.
+The loop is here; losses: distill.py, torch.compile: compilation.py, torch.distributed: distributed.py, files:
+checkpoint.py.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .checks import choice, integer, real
 from .compilation import compiled
-from .config import COMPILE_MODES, QuantConfig, _choice, _integer, _real
+from .config import COMPILE_MODES, QuantConfig
 from .data import check_windows
 from .distill import distillation_loss, step_loss
 from .distributed import average, average_gradients, barrier, rank_and_world
@@ -74,12 +75,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be {check.allowed}, got {getattr(self, name)!r}")
 
 
-# Each field's range (config.py's checks, so the messages read like QuantConfig's).
-_TRAIN_CHECKS = {
-    "steps": _integer(1), "batch_size": _integer(1), "grad_accum": _integer(1), "lr": _real(0, strict=True),
-    "warmup_steps": _integer(0), "weight_decay": _real(0), "grad_clip": _real(0)._replace(
-        allowed="a finite number >= 0 (0: no clipping)"), "temperature": _real(0, strict=True),
-    "seed": _integer(0), "checkpoint_every": _integer(0), "hidden_weight": _real(0), "compile": _choice(COMPILE_MODES),
+_TRAIN_CHECKS = {  # each field's range (checks.py: the messages read like QuantConfig's)
+    "steps": integer(1), "batch_size": integer(1), "grad_accum": integer(1), "lr": real(0, strict=True),
+    "warmup_steps": integer(0), "weight_decay": real(0), "grad_clip": real(0)._replace(
+        allowed="a finite number >= 0 (0: no clipping)"), "temperature": real(0, strict=True),
+    "seed": integer(0), "checkpoint_every": integer(0), "hidden_weight": real(0), "compile": choice(COMPILE_MODES),
 }
 
 
