@@ -88,6 +88,7 @@ def main() -> int:
     parser.add_argument("--calibration-windows", type=int, default=None, help="override calibration windows")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only methods whose name contains one of these texts")
+    parser.add_argument("--exact", action="store_true", help="--only names whole method names")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="override QuantConfig fields of the methods run (values parsed as JSON, else text); "
                              "the overrides are appended to each method's name")
@@ -125,7 +126,7 @@ def selected_methods(args: argparse.Namespace) -> list[tuple[str, QuantConfig]]:
     overrides = dict(_assignment(text) for text in args.set)
     selected = []
     for method, config in METHODS:
-        if args.only and not any(text in method for text in args.only):
+        if args.only and not any(text == method if args.exact else text in method for text in args.only):
             continue
         try:
             if args.calibration_windows and config.calibration:
