@@ -237,3 +237,22 @@ def test_gpt2_and_pipeline_through_transformers(tmp_path, tiny_model_dir):
     ids = tokenizer("the quick brown", return_tensors="pt").input_ids
     expected = model.generate(ids, max_new_tokens=5, do_sample=False)[0]
     assert list(generated[0]["generated_token_ids"]) == expected.tolist()
+
+
+def test_from_pretrained_checks_the_checksums_and_load_quantized_hashes_once(artifact, monkeypatch):
+    """transformers' own loading path verifies the files too; atq.load_quantized, which verified them just before,
+    does not make it hash them a second time."""
+    from transformers import AutoModelForCausalLM
+
+    import atq.io
+
+    hashed = []
+    real = atq.io.sha256_file
+    monkeypatch.setattr(atq.io, "sha256_file", lambda path: (hashed.append(path), real(path))[1])
+    load_quantized(artifact)
+    checked = len(json.loads((artifact / CHECKSUMS).read_text())["files"])
+    assert len(hashed) == checked
+    path = artifact / "char_tokenizer.txt"
+    path.write_bytes(path.read_bytes() + b"!")
+    with pytest.raises(ArtifactError, match="char_tokenizer.txt.*(truncated|altered)"):
+        AutoModelForCausalLM.from_pretrained(artifact)

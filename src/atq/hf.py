@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from .layers import PackedTernaryLinear
 
 log = logging.getLogger(__name__)
 METHOD = "atq"
+# The directory load_quantized has just verified, so the quantizer it calls does not hash every file again.
+_VERIFIED: ContextVar[Path | None] = ContextVar("atq_verified_directory", default=None)
 
 
 class AtqConfig(QuantizationConfigMixin):
@@ -64,12 +67,13 @@ class AtqHfQuantizer(HfQuantizer):
         files = kwargs.get("checkpoint_files") or []
         self.checkpoint_files = list(files)
         directory = Path(files[0]).parent if files else None
-        for file in files:
-            check_consistent(self.quantization_config.to_dict(), file)
-        if directory is not None and (directory / CHECKSUMS).is_file():
-            verify_checksums(directory)
+        if directory is not None and (directory / CHECKSUMS).is_file():  # corruption first, then consistency
+            if _VERIFIED.get() != directory.resolve():  # load_quantized hashed the files a moment ago
+                verify_checksums(directory)
         elif directory is not None:
             log.warning("%s has no %s (written by save_pretrained?): its files are not verified", directory, CHECKSUMS)
+        for file in files:
+            check_consistent(self.quantization_config.to_dict(), file)
         try:
             build_skeleton(model, self.quantization_config.to_dict())
         except (KeyError, TypeError, ValueError) as error:
@@ -106,9 +110,13 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device | No
     stored one) is the dtype of the FP parts and activations (ternary scales stay fp16)."""
     from transformers import AutoModelForCausalLM
 
-    verify_checksums(directory)
+    verify_checksums(directory)  # before transformers parses config.json, so a corrupt one is named as such
     register()
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto")
+    token = _VERIFIED.set(Path(directory).resolve())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto")
+    finally:
+        _VERIFIED.reset(token)
     if not any(isinstance(m, PackedTernaryLinear) for m in model.modules()):
         raise ArtifactError(f"{directory}: config.json has no ATQ quantization_config")
     return model.to(device or "cpu").eval()
