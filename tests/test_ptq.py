@@ -46,3 +46,11 @@ def test_quantize_model_from_a_local_directory(tiny_model_dir):
     assert result["stats"]["sparsity"] == pytest.approx(0.3, abs=0.02)
     assert result["stats"]["compression_ratio"] > 1 and len(result["report"]) == 15
     assert result["tokenizer"]("the fox").input_ids
+
+
+def test_an_embedding_that_is_not_whole_blocks_is_refused_before_anything_changes(tiny_llama):
+    from atq import PackedTernaryLinear
+
+    with pytest.raises(ValueError, match=r"QuantConfig.embedding='q8_0'.*72 wide"):  # 72 is not whole 32-blocks
+        quantize(tiny_llama, QuantConfig(embedding="q8_0"), quiet=True)
+    assert not any(isinstance(m, PackedTernaryLinear) for m in tiny_llama.modules())

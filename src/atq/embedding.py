@@ -122,6 +122,15 @@ class TiedQuantizedHead(nn.Module):
         return F.linear(hidden, self.embedding.dequantize(hidden.dtype))
 
 
+def check_blockable(model: nn.Module) -> None:
+    """Raise ValueError unless ``model``'s embedding rows are whole blocks of 32 (what Q8_0 / Q4_0 store); touches
+    nothing, so callers check before any slow work."""
+    width = getattr(model.get_input_embeddings(), "embedding_dim", 0)
+    if width % BLOCK:
+        raise ValueError(f"8/4-bit embedding blocks hold rows of whole blocks of {BLOCK}; this model's embedding "
+                         f"is {width} wide: use embedding='fp'")
+
+
 def quantize_embeddings(model: nn.Module, kind: str) -> None:
     """Replace ``model``'s input embedding (and its LM head: shared if tied, its own blocks if not) by
     ``kind`` block storage, in place; ``fp`` leaves them as they are."""

@@ -142,6 +142,7 @@ def preset_for_model(config: QuantConfig, model: nn.Module, args: argparse.Names
     """``config`` without the preset's parts that ``model`` cannot take, each with a note: a rotation (it fuses
     into Llama-family models only) and 8/4-bit embedding blocks (rows of whole 32-blocks only). What a flag asked
     for by name is kept, for quantize to refuse with its reason."""
+    from .embedding import check_blockable
     from .rotation import check_rotatable
 
     given = given_keywords(args)
@@ -151,11 +152,12 @@ def preset_for_model(config: QuantConfig, model: nn.Module, args: argparse.Names
         except ValueError as error:
             print(f"atq: the preset's rotation is off for this model ({error})", flush=True)
             config = config.replace(rotation=None)
-    width = getattr(model.get_input_embeddings(), "embedding_dim", 0)
-    if config.embedding != "fp" and "embedding" not in given and width % 32:
-        print(f"atq: the preset's {config.embedding} embedding is off for this model (its width {width} is not "
-              "whole blocks of 32)", flush=True)
-        config = config.replace(embedding="fp")
+    if config.embedding != "fp" and "embedding" not in given:
+        try:
+            check_blockable(model)
+        except ValueError as error:
+            print(f"atq: the preset's {config.embedding} embedding is off for this model ({error})", flush=True)
+            config = config.replace(embedding="fp")
     return config
 
 

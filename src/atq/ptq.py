@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Calibration, QuantConfig
-from .embedding import quantize_embeddings
+from .embedding import check_blockable, quantize_embeddings
 from .layers import PackedTernaryLinear
 from .quantizers import fit_ternary
 from .rotation import check_rotatable, rotate_model
@@ -49,10 +49,11 @@ def quantize(
     for name, weight in weights.items():
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}.weight contains NaN/Inf values; ternarisation needs finite weights")
-    width = getattr(model.get_input_embeddings(), "embedding_dim", 0)
-    if config.embedding != "fp" and width % 32:
-        raise ValueError(f"QuantConfig.embedding={config.embedding!r} stores rows in blocks of 32; this model's "
-                         f"embedding is {width} wide: use embedding='fp'")
+    if config.embedding != "fp":
+        try:
+            check_blockable(model)
+        except ValueError as error:
+            raise ValueError(f"QuantConfig.embedding={config.embedding!r}: {error}") from error
     if config.rotation is not None:
         check_rotatable(model)  # before the calibration data: a refusal must come before any slow work
     windows = calibration_windows(model, config, calibration, tokenizer)
