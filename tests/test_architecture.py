@@ -24,7 +24,7 @@ RANKS = {
     "hf": 7, "checkpoint": 7,
     "models": 8,
     "ptq": 9, "qat": 9, "export": 9,
-    "measure": 10, "flags": 10, "generate": 10,
+    "measure": 10, "flags": 10, "generate": 10, "training": 10,
     "cli": 11, "__init__": 11,
 }
 

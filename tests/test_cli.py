@@ -266,7 +266,8 @@ def test_train_mixes_generated_windows_with_a_text(tiny_model_dir, text_file, tm
     assert "missing.txt" in capsys.readouterr().err and not list(tmp_path.glob("bad*"))
 
 
-def test_train_under_torchrun_with_two_cpu_processes(tiny_model_dir, text_file, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--shard", "--learned-scales"]], ids=["data-parallel", "sharded"])
+def test_train_under_torchrun_with_two_cpu_processes(tiny_model_dir, text_file, tmp_path, mode):
     import subprocess
     import sys
 
@@ -274,12 +275,20 @@ def test_train_under_torchrun_with_two_cpu_processes(tiny_model_dir, text_file, 
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
          "-m", "atq.cli", "train", "--model", str(tiny_model_dir), "--data", str(text_file), "--windows", "8",
-         "--seq-len", "16", "--steps", "2", "--batch-size", "4", "--out", str(out), "--device", "cpu", "--quiet"],
+         "--seq-len", "16", "--steps", "2", "--batch-size", "4", "--out", str(out), "--device", "cpu", "--quiet",
+         *mode],
         check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "qat.log.json").read_text())["world_size"] == 2
-    assert (out / CHECKSUMS).is_file()
+    assert (out / CHECKSUMS).is_file() and atq.load_quantized(out) is not None
+    assert any((tmp_path / "qat.ckpt").glob("*.distcp")) == bool(mode)  # the sharded run saved shards
+
+
+def test_train_shard_needs_two_processes(tiny_model_dir, text_file, tmp_path, capsys):
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(text_file), "--windows", "8", "--seq-len",
+                 "16", "--steps", "1", "--out", str(tmp_path / "q"), "--device", "cpu", "--quiet", "--shard"]) == 2
+    assert "at least two processes" in capsys.readouterr().err and not list(tmp_path.glob("q*"))
 
 
 def test_experiment_wrappers_pass_options_through():

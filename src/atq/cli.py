@@ -1,11 +1,10 @@
 """``atq quantize | train | eval | export | generate``: a thin layer over the Python API (quantize's config flags
-are generated from QuantConfig's keywords in flags.py, generate lives in generate.py; the other options map to
-arguments of the API)."""
+are generated from QuantConfig's keywords in flags.py, train lives in training.py, generate in generate.py; the
+other options map to arguments of the API)."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -16,53 +15,21 @@ from pathlib import Path
 import torch
 
 from . import flags
-from .config import COMPILE_MODES, QuantConfig
 from .files import check_replaceable, write_json
 from .flags import AUTO, DTYPES, config_from_args, device_description, preset_name
-from .flags import resolve_device as _device
 from .generate import add_generate_parser, cmd_generate
 from .io import is_artifact
-from .stats import directory_bytes, model_stats
+from .models import resolve_device as _device
+from .stats import directory_bytes, key_value_table, model_stats
+from .training import add_train_parser, cmd_train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atq", description="Adaptive ternary quantization of causal LMs")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (flags.add_quantize_parser, _add_train, _add_export, _add_eval, add_generate_parser):
+    for add in (flags.add_quantize_parser, add_train_parser, _add_export, _add_eval, add_generate_parser):
         add(commands)
     return parser
-
-
-def _add_train(commands: argparse._SubParsersAction) -> None:
-    t = commands.add_parser("train", help="quantization-aware training with distillation from the FP model")
-    t.add_argument("--model", default="smollm2", help="the FP model (teacher; student too without --init)")
-    t.add_argument("--init", default=None, help="start from this PTQ artifact directory")
-    t.add_argument("--data", default="generated",
-                   help="wikitext2_valid, a text file, or generated (data-free); mix sources with +, e.g. "
-                        "generated+wikitext2_valid")
-    t.add_argument("--windows", type=int, default=256,
-                   help="training windows per source (generated, or cut from the text)")
-    t.add_argument("--seq-len", type=int, default=512)
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--warmup-steps", type=int, default=10)
-    t.add_argument("--no-teacher", action="store_true", help="plain next-token loss, no distillation")
-    t.add_argument("--checkpoint-every", type=int, default=50)
-    t.add_argument("--minutes", type=float, default=None,
-                   help="stop after this much training time (with a checkpoint; run again to continue)")
-    t.add_argument("--learned-scales", action="store_true", help="LSQ-learned scales instead of recomputed ones")
-    t.add_argument("--dead-zone-bias", action="store_true", help="Tequila: zero-coded weights feed a bias")
-    t.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE term")
-    t.add_argument("--compile", nargs="?", const="blocks", default="off", choices=COMPILE_MODES,
-                   help="torch.compile each decoder block (bare --compile; seconds to compile) or the whole model "
-                        "(minutes); student, teacher and loss")
-    t.add_argument("--cache", default=None,
-                   help="token cache for generated data (default OUT.tokens.safetensors), reused across runs")
-    t.add_argument("--out", required=True, help="artifact directory; checkpoints go to OUT.ckpt")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--quiet", action="store_true")
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
@@ -96,11 +63,6 @@ def _eval(model, tokenizer, args: argparse.Namespace) -> dict:
                     batch_size=args.batch_size, quiet=args.quiet)
 
 
-def _table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(["| what | value |", "| --- | --- |"] + [f"| {k:<{width}} | {v} |" for k, v in rows])
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import load_model, quantize, save_quantized
 
@@ -131,7 +93,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
               "recipe": {"preset": preset, "config": config.to_dict()}, "device": name,
               "model": args.model, "artifact": str(out), "data": str(args.data) if args.eval else None,
               "seq_len": args.seq_len if args.eval else None, "total_seconds": time.perf_counter() - started}
-    print(_table(_quantize_rows(args, report, stats, record, before, after)))
+    print(key_value_table(_quantize_rows(args, report, stats, record, before, after)))
     if args.json:
         write_json(args.json, record)
     return 0
@@ -163,90 +125,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
     result = _eval(model, tokenizer, args)
-    print(_table([("model", args.model), ("data", str(args.data)), ("windows", f"{result['windows']}x{args.seq_len}"),
+    print(key_value_table([("model", args.model), ("data", str(args.data)), ("windows", f"{result['windows']}x{args.seq_len}"),
                   ("perplexity", f"{result['ppl']:.3f}"), ("token accuracy", f"{result['token_accuracy']:.4f}")]))
     if args.json:
         write_json(args.json, result | {"model": args.model, "data": str(args.data)})
     return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from .checkpoint import check_directory
-    from .data import cached_generated_windows, load_text, token_windows
-    from .io import save_quantized
-    from .models import load_model
-    from .qat import TrainConfig, prepare_qat, to_packed, train
-
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                         warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
-                         hidden_weight=args.hidden_weight, compile=args.compile)
-    sources = args.data.split("+")
-    texts = {source: load_text(source) for source in sources if source != "generated"}  # fail before loading models
-    check_directory(f"{args.out}.ckpt")
-    check_replaceable(Path(args.out), is_artifact)
-    rank, device = _init_distributed(args.device)
-    teacher, tokenizer = load_model(args.model, device=device)
-    student = load_model(args.init, device=device)[0] if args.init else copy.deepcopy(teacher)
-    parts = []
-    for source in sources:
-        if source == "generated":
-            cache = args.cache or f"{args.out}.tokens.safetensors"
-            if rank == 0:  # one process samples; the others read the cache it writes
-                parts.append(cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, cache,
-                                                      quiet=args.quiet))
-            _barrier()
-            if rank != 0:
-                parts.append(cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, cache,
-                                                      quiet=True))
-        else:
-            parts.append(token_windows(tokenizer, texts[source], args.seq_len, args.windows))
-    windows = torch.cat([part.to(torch.long) for part in parts])  # train() reshuffles every epoch
-    prepare_qat(student, getattr(student, "atq_config", None) or QuantConfig(),
-                learned_scales=args.learned_scales, dead_zone_bias=args.dead_zone_bias)
-    history = train(student, windows, config, teacher=None if args.no_teacher else teacher,
-                    checkpoint_dir=f"{args.out}.ckpt", quiet=args.quiet,
-                    max_seconds=None if args.minutes is None else args.minutes * 60,
-                    log_path=f"{args.out}.log.json")
-    done = history[-1]["step"] + 1
-    if done < config.steps:
-        if rank == 0:
-            print(f"atq train: time budget spent at step {done}/{config.steps}; checkpoint in {args.out}.ckpt, "
-                  "run the same command again to continue")
-        return 0
-    if rank == 0:
-        to_packed(student)
-        save_quantized(student, args.out, tokenizer=tokenizer)
-        rates = sorted(h["tokens_per_s"] for h in history)
-        print(_table([("steps", str(config.steps)), ("windows", f"{len(windows)}x{args.seq_len}"),
-                      ("loss first / last", f"{history[0]['loss']:.4f} / {history[-1]['loss']:.4f}"),
-                      ("tokens/s (median)", f"{rates[len(rates) // 2]:,.0f}"),
-                      ("artifact", args.out), ("log", f"{args.out}.log.json")]))
-    return 0
-
-
-def _init_distributed(device: str) -> tuple[int, str]:
-    """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU)
-    and return (rank, this process's device); otherwise (0, the usual device)."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, _device(device)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), f"cuda:{local}" if use_cuda else "cpu"
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -264,7 +147,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                              ternary_type=args.ternary_type, fallback=args.fallback)
         types = Counter(report["tensors"].values())
         exact = sum(1 for v in report["tensors"].values() if v.startswith("TQ"))
-        print(_table([("file", f"{report['path']} ({report['bytes'] / 2**20:.1f} MiB)"),
+        print(key_value_table([("file", f"{report['path']} ({report['bytes'] / 2**20:.1f} MiB)"),
                       ("tensor types", ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))),
                       ("ternary layers that fell back", f"{len(report['fallback'])} of {len(report['fallback']) + exact}"),
                       ("bits per ternary weight", f"{report['bits_per_ternary_weight']:.3f}")]))
@@ -272,7 +155,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.hf import export_hf
 
     report = export_hf(model, args.out, dequantize=args.dequantize, tokenizer=tokenizer, overwrite=args.overwrite)
-    print(_table([(k, str(v)) for k, v in report.items()]))
+    print(key_value_table([(k, str(v)) for k, v in report.items()]))
     return 0
 
 

@@ -1,6 +1,7 @@
-"""torch.distributed for QAT, data parallel: every process holds the whole model, takes every W-th window of the
-global micro-batch and steps with the gradient averaged over the W processes. Without an initialised process
-group everything here is a no-op for one process."""
+"""torch.distributed for QAT. Data parallel: every process holds the whole model, takes every W-th window of the
+global micro-batch and steps with the gradient averaged over the W processes. Sharded (FSDP2, ``shard``): the
+same batches and the same averaged gradient, with weights, gradients and optimizer state split over the
+processes. Without an initialised process group everything here is a no-op for one process."""
 
 from __future__ import annotations
 
@@ -46,3 +47,66 @@ def barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors) rather than whole tensors."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor (a collective: every process must call it), a plain tensor as it is."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return tensor
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def check_shardable(world: int) -> None:
+    """Refuse sharding over fewer than two processes, before any model is loaded where the caller can."""
+    if world < 2:
+        raise ValueError("sharded training needs at least two processes (torchrun --nproc_per_node N, N >= 2); "
+                         "one process trains the whole model without sharding: drop --shard")
+
+
+def shard(model: nn.Module, blocks: list[nn.Module]) -> None:
+    """FSDP2 (``fully_shard``): each decoder block, then the rest of ``model``, has its parameters split over the
+    processes and gathered only for its own forward and backward. Weights, gradients and AdamW state per GPU
+    then shrink to about 1/W, which is what lets a model whose training state exceeds one GPU train at all.
+    Parameters stay fp32 (no mixed-precision policy): the numbers are those of data parallel, only the memory
+    changes. Gradients are reduce-scattered as means, like ``average_gradients``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _, world = rank_and_world()
+    check_shardable(world)
+    mesh = init_device_mesh(next(model.parameters()).device.type, (world,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def broadcast_object(value: object) -> object:
+    """Rank 0's ``value`` on every process (the checkpoint's temporary directory, chosen by rank 0)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state on rank 0, in CPU memory (an empty dict on the other processes): what
+    freezing and saving the trained model needs. A collective: every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

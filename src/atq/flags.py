@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .models import resolve_device
 
 
 class Preset(NamedTuple):
@@ -37,13 +38,6 @@ PRESETS = {
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTO = "auto"  # the default preset: gpu when the device is a CUDA GPU, else cpu
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other name as given."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def device_description(device: str) -> str:

@@ -34,6 +34,13 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 _VERIFIED: dict[str, tuple[int, int]] = {}
 
 
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other name as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ATQ_CACHE") or Path.home() / ".cache" / "atq")
 

@@ -5,9 +5,8 @@ atomic checkpoints that resume to the same next-step loss as an uninterrupted ru
 Batches are a pure function of (seed, step): a permutation per epoch drawn from a generator seeded by
 (seed, epoch). A resumed run therefore needs no data-loader state beyond the step counter.
 
-The loop is here; losses: distill.py, torch.compile: compilation.py, torch.distributed: distributed.py, files:
-checkpoint.py.
-"""
+The loop is here; losses: distill.py, torch.compile: compilation.py, torch.distributed (data parallel, FSDP2):
+distributed.py, files: checkpoint.py."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from .compilation import compiled
 from .config import COMPILE_MODES, QuantConfig
 from .data import check_windows
 from .distill import distillation_loss, step_loss
-from .distributed import average, average_gradients, barrier, rank_and_world
+from .distributed import average, average_gradients, barrier, full_value, is_sharded, rank_and_world
 from .files import write_json
 from .layers import PackedTernaryLinear, TernaryLinear
 from .surgery import linear_weight, select_linear_layers, set_module
@@ -140,7 +139,7 @@ def batch_indices(step: int, micro: int, n_windows: int, config: TrainConfig) ->
 def _non_finite(model: nn.Module | None) -> str | None:
     """The name of the first floating-point parameter or buffer of ``model`` that holds NaN or inf."""
     for name, tensor in [] if model is None else [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not bool(full_value(torch.isfinite(tensor).all())):
             return name
     return None
 
@@ -151,6 +150,7 @@ class _Run:
     def __init__(self, student: nn.Module, config: TrainConfig, checkpoint_dir: str | Path | None,
                  log_path: str | Path | None) -> None:
         self.rank, self.world = rank_and_world()
+        self.sharded = is_sharded(student)  # FSDP2 reduce-scatters the gradients itself
         if checkpoint_dir is not None:
             checkpoint.check_directory(checkpoint_dir)
         if config.batch_size % self.world:
@@ -159,7 +159,7 @@ class _Run:
         self.device = next(student.parameters()).device
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
-                                           fused=self.device.type == "cuda" or None)
+                                           fused=self.device.type == "cuda" and not self.sharded or None)
         self.start, self.history, self.trained, self.skipped = 0, [], 0.0, 0
         if checkpoint_dir is not None and checkpoint.has_checkpoint(checkpoint_dir):
             self._resume()
@@ -204,13 +204,14 @@ class _Run:
             loss.backward()
             total += loss.detach()
         if self.world > 1:
-            average_gradients(params, self.world)
+            if not self.sharded:  # FSDP2 reduce-scatters the gradients itself
+                average_gradients(params, self.world)
             average(total, self.world)
         if config.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        value, norm = torch.stack([total, norm.to(total.dtype)]).tolist()  # synchronises: the time is real
+        value, norm = torch.stack([total, full_value(norm).to(total.dtype)]).tolist()  # synchronises: the time is real
         return value, norm
 
     def _check_finite(self, step: int, lr: float, value: float, norm: float) -> None:
@@ -240,14 +241,14 @@ class _Run:
                 "float32 or bfloat16, or lower the learning rate")
 
     def save(self, done: int) -> None:
-        """Checkpoint after ``done`` steps and write the log (rank 0); the other processes wait for it."""
+        """Checkpoint after ``done`` steps (every process: a sharded save is collective) and write the log
+        (rank 0); the other processes wait for it."""
         config = asdict(self.config)
-        if self.rank == 0:
-            if self.checkpoint_dir is not None:
-                checkpoint.save_checkpoint(self.checkpoint_dir, self.student, self.optimizer, {
-                    "step": done, "history": self.history, "config": config, "rng": torch.get_rng_state()})
-            if self.log_path is not None:
-                write_json(self.log_path, {"config": config, "world_size": self.world, "history": self.history})
+        if self.checkpoint_dir is not None:
+            checkpoint.save_checkpoint(self.checkpoint_dir, self.student, self.optimizer, {
+                "step": done, "history": self.history, "config": config, "rng": torch.get_rng_state()})
+        if self.rank == 0 and self.log_path is not None:
+            write_json(self.log_path, {"config": config, "world_size": self.world, "history": self.history})
         barrier(self.world)
 
 
@@ -269,16 +270,15 @@ def train(
     schedule still spans ``config.steps``, so a later call resumes it. ``on_step(steps_done, train_seconds)``
     runs after every step, outside the timed region (evaluations for a curve). ``log_path`` gets the log as
     JSON at every checkpoint and at the end. Under torch.distributed (initialised by the caller, e.g. torchrun)
-    gradients are averaged over processes and only rank 0 writes files.
-    """
+    gradients are averaged over processes (by FSDP2 where ``distributed.shard`` split the student) and only
+    rank 0 writes files, except a sharded checkpoint's per-process files."""
     check_windows(windows, student, config.batch_size, "train")
     run = _Run(student, config, checkpoint_dir, log_path)
     for role, model in (("student", student), ("teacher", teacher)):
         if (broken := _non_finite(model)) is not None:
             raise ValueError(f"train: the {role}'s {broken} holds NaN or inf before training: the model (or its "
                              "checkpoint) is broken, not the learning rate; load it again from its source")
-    if teacher is not None:
-        teacher.eval()
+    teacher.eval() if teacher is not None else None
     student.train()
     bar = tqdm(range(run.start, config.steps), desc="qat", disable=quiet or run.rank != 0, unit="step",
                initial=run.start, total=config.steps)

@@ -68,6 +68,12 @@ def markdown_table(header: list[str], rows: list[list[str]], numeric_from: int =
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *rows])
 
 
+def key_value_table(rows: list[tuple[str, str]]) -> str:
+    """The CLI's two-column summary (what | value), keys padded to one width for reading in a terminal."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["| what | value |", "| --- | --- |"] + [f"| {k:<{width}} | {v} |" for k, v in rows])
+
+
 ARTIFACT_FILES = {"config.json", "generation_config.json", "model.safetensors", "atq_checksums.json"}
 
 
