@@ -70,3 +70,41 @@ def test_generated_token_cache_is_reused_and_regenerated_when_settings_change(ti
     cache.write_bytes(b"garbage")  # a corrupted cache is regenerated, not trusted
     assert data.cached_generated_windows(tiny_llama, char_tokenizer, 3, 16, cache, batch_size=2).shape == (3, 16)
     assert len(calls) == 3
+
+
+class BosTokenizer:
+    """Bytes as tokens, opening every text with BOS (id 1) like Gemma's tokenizer (``add_bos_token``)."""
+
+    bos_token_id, add_bos_token = 1, True
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        ids = [1] * add_special_tokens + list(text.encode("utf-8"))
+        return __import__("types").SimpleNamespace(input_ids=torch.tensor([ids]))
+
+
+def test_windows_open_with_bos_where_the_tokenizer_asks_for_it():
+    text = "abcdefghij" * 5  # 50 text tokens
+    windows = token_windows(BosTokenizer(), text, seq_len=16)
+    assert windows.shape == (3, 16) and (windows[:, 0] == 1).all()
+    assert torch.equal(windows[:, 1:].reshape(-1), torch.tensor(list(text.encode()))[:45])  # text continues
+
+
+def test_a_gemma3_model_is_evaluated_and_calibrated_on_bos_windows(tmp_path):
+    """The loading fix on a tiny Gemma 3: perplexity and calibration feed it windows that open with BOS."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from atq import QuantConfig, perplexity, quantize
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                              sliding_window=32)
+    model = Gemma3ForCausalLM(config).eval()
+    seen = []
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"][:, 0]),
+                                          with_kwargs=True)
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    assert perplexity(model, BosTokenizer(), str(tmp_path / "text.txt"), seq_len=32, quiet=True) > 1
+    quantize(model, QuantConfig(group_size=32, calibration=str(tmp_path / "text.txt"), calibration_windows=4,
+                                calibration_seq_len=32), tokenizer=BosTokenizer(), quiet=True)
+    assert len(seen) >= 2 and all((first == 1).all() for first in seen)

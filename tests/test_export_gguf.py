@@ -1,4 +1,5 @@
-"""GGUF export: exact TQ2_0 where blocks of 256 hold one scale, reported fallbacks elsewhere, clean failures."""
+"""GGUF export: exact TQ2_0 where blocks of 256 hold one scale (Q2_0: tests/test_export_q2_0.py), reported fallbacks
+elsewhere, clean failures."""
 
 import json
 
@@ -112,8 +113,8 @@ def test_row_scales_export_bit_exactly(tmp_path, ternary_type):
 
 
 def test_groups_smaller_than_a_block_fall_back_and_are_reported(tmp_path):
-    model = make_llama(hidden=96)  # rows of 96 and 192: not whole TQ blocks of 256, whole Q8_0 blocks of 32
-    quantize(model, QuantConfig(group_size=64), quiet=True)
+    model = make_llama(hidden=96)  # rows of 96 and 192: whole Q8_0 blocks of 32; groups of 32: no Q2_0/TQ block
+    quantize(model, QuantConfig(group_size=32), quiet=True)
     report = export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=bpe_tokenizer_dir(tmp_path, 256))
     assert len(report["fallback"]) == 14 and {report["tensors"][n] for n in report["fallback"]} == {"Q8_0"}
     assert report["bits_per_ternary_weight"] == pytest.approx(8.5)
@@ -122,7 +123,7 @@ def test_groups_smaller_than_a_block_fall_back_and_are_reported(tmp_path):
     restored = dequantized(tensors["blk.0.ffn_up.weight"]).reshape(weight.shape)
     assert torch.allclose(restored, weight, rtol=2**-10, atol=0)  # Q8_0 holds ±127·d: exact up to fp16 d
     odd = make_llama()  # rows of 72 are not even whole Q8_0 blocks: F16
-    quantize(odd, QuantConfig(group_size=64), quiet=True)
+    quantize(odd, QuantConfig(group_size=32), quiet=True)
     report = export_gguf(odd, tmp_path / "odd.gguf", tokenizer_dir=bpe_tokenizer_dir(tmp_path / "x", 256))
     assert {report["tensors"][n] for n in report["fallback"]} == {"F16"}
 

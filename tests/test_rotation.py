@@ -134,3 +134,19 @@ def test_rotated_base_model_takes_positional_and_keyword_inputs():
         for hidden in (rotated.model(ids, mask).last_hidden_state, rotated.model(input_ids=ids, attention_mask=mask)
                        .last_hidden_state, rotated.model(inputs_embeds=rotated.model.embed_tokens(ids)).last_hidden_state):
             torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-5)
+
+
+def test_the_stream_rotation_stays_fp32_under_bf16_autocast():
+    """End-to-end tuning and QAT run under bf16 autocast on a GPU; the residual stream must still enter and leave
+    the rotated basis exactly (as an E·Q table would), not rounded to bf16. Reference: the rotation in float64."""
+    model = make_llama(seed=2, hidden=64)
+    rotate_model(model, "hadamard")
+    rotation = model.model.atq_rotation
+    hidden = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+    for transpose in (False, True):
+        matrix = rotation.matrix.double().T if transpose else rotation.matrix.double()
+        expected = hidden.double() @ matrix * (rotation.gain.double() if transpose else 1.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = rotation.apply(hidden, transpose=transpose)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)

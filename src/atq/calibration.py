@@ -8,6 +8,7 @@ the last block, optional end-to-end tuning of all scales.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -26,6 +27,7 @@ from .capture import (
 from .config import Calibration, QuantConfig
 from .gptq import gptq_ternary_batched
 from .layers import PackedTernaryLinear
+from .onload import onloaded, outside
 from .surgery import decoder_blocks, linear_weight, set_module
 from .ternary import PackedTernary, TernaryTensor
 from .tuning import reconstruct_block, tune_end_to_end
@@ -34,31 +36,45 @@ log = logging.getLogger(__name__)
 
 
 def calibrated_quantize(model: nn.Module, layers: dict[str, nn.Module], config: QuantConfig, windows: torch.Tensor,
-                        batch_size: int = 4, quiet: bool = False) -> dict[str, dict[str, Any]]:
-    """Quantize ``layers`` of ``model`` in place, block by block; returns per-layer extras for the report."""
+                        batch_size: int = 4, quiet: bool = False, device: torch.device | None = None,
+                        onload: bool = False) -> dict[str, dict[str, Any]]:
+    """Quantize ``layers`` of ``model`` in place, block by block; returns per-layer extras for the report.
+    ``onload``: the model stays where it is (CPU memory) and each block comes to ``device`` for its turn
+    (onload.py); the result is the same as with the whole model on ``device``."""
     if config.granularity == "tensor":
         raise ValueError("calibrated quantization supports granularity 'row' or 'group', not 'tensor'")
     prefix, blocks = decoder_blocks(model)
-    outside = [n for n in layers if not n.startswith(f"{prefix}.")]
-    if outside:
-        raise ValueError(f"calibrated quantization handles layers inside decoder blocks only; got {outside[:3]}")
+    stray = [n for n in layers if not n.startswith(f"{prefix}.")]
+    if stray:
+        raise ValueError(f"calibrated quantization handles layers inside decoder blocks only; got {stray[:3]}")
+    if onload and config.end_to_end:
+        raise ValueError("end-to-end tuning trains the whole model at once, so it cannot run one block at a time: "
+                         "quantize with end_to_end=None (end_to_end_steps=0) when the model does not fit the GPU")
+    home = next(model.parameters()).device
+    device = home if device is None else device
+
+    def turn(modules: list[nn.Module], whole: bool) -> contextlib.AbstractContextManager:
+        return onloaded(modules, device, home, whole) if onload else contextlib.nullcontext()
+
     was_training = model.training
     model.eval()
-    head_inputs = capture_head_inputs(model, windows, batch_size) if config.end_to_end else None
-    batches = capture_block_inputs(model, blocks[0], windows, batch_size)
+    with turn(outside(model, blocks), whole=False):
+        head_inputs = capture_head_inputs(model, windows, batch_size) if config.end_to_end else None
+        batches = capture_block_inputs(model, blocks[0], windows, batch_size, device)
     # the FP model's own activations, carried alongside when reconstruction targets them
     fp_batches = batches if config.reconstruction and config.reconstruction.target == "fp" else None
     extras: dict[str, dict[str, Any]] = {}
     for index, block in enumerate(tqdm(blocks, desc="calibrate", disable=quiet, unit="block")):
         block_prefix = f"{prefix}.{index}."
         block_layers = {n[len(block_prefix):]: m for n, m in layers.items() if n.startswith(block_prefix)}
-        fp_outputs = run_block(block, fp_batches) if fp_batches is not None else None
-        if block_layers:
-            errors = _quantize_block(block, block_layers, batches, fp_outputs, config)
-            extras |= {block_prefix + name: row for name, row in errors.items()}
-        batches = advance(block, batches)
-        if fp_outputs is not None:
-            fp_batches = advance(block, fp_batches, fp_outputs)
+        with turn([block], whole=True):
+            fp_outputs = run_block(block, fp_batches) if fp_batches is not None else None
+            if block_layers:
+                errors = _quantize_block(block, block_layers, batches, fp_outputs, config)
+                extras |= {block_prefix + name: row for name, row in errors.items()}
+            batches = advance(block, batches)
+            if fp_outputs is not None:
+                fp_batches = advance(block, fp_batches, fp_outputs)
     if head_inputs is not None:
         before, after = tune_end_to_end(model, windows, head_inputs, config, batch_size)
         log.info("end-to-end tuning KL %.4g -> %.4g", before, after)

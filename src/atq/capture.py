@@ -21,9 +21,11 @@ def block_output(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor, batch_size: int) -> Batches:
-    """Run the model up to its first decoder block; return (hidden states, keyword arguments) per batch."""
-    device = next(model.parameters()).device
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor, batch_size: int,
+                         device: torch.device | None = None) -> Batches:
+    """Run the model up to its first decoder block; return (hidden states, keyword arguments) per batch.
+    ``device``: where the windows go (the embedding's device; by default the model's first parameter's)."""
+    device = next(model.parameters()).device if device is None else device
     captured: Batches = []
 
     def hook(module, args, kwargs):

@@ -36,14 +36,17 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     x = commands.add_parser("export", help="write an artifact in a format other runtimes load")
     x.add_argument("--model", required=True, help="ATQ artifact directory")
     x.add_argument("--format", choices=["gguf", "hf"], required=True,
-                   help="gguf: llama.cpp (TQ2_0/TQ1_0); hf: transformers' BitNet checkpoint")
+                   help="gguf: llama.cpp (Q2_0/TQ2_0, exact); hf: transformers' BitNet checkpoint")
     x.add_argument("--out", required=True, help="output file (gguf) or directory (hf)")
     x.add_argument("--overwrite", action="store_true", help="hf: replace a non-empty --out directory")
     x.add_argument("--metadata-from", default=None,
                    help="gguf: copy metadata and tokenizer from this GGUF ('smollm2': the bundled one)")
-    x.add_argument("--ternary-type", choices=["tq2_0", "tq1_0"], default="tq2_0")
+    x.add_argument("--ternary-type", choices=["auto", "q2_0", "tq2_0", "tq1_0"], default="auto",
+                   help="gguf: auto = per layer the smallest exact type (TQ2_0, else Q2_0)")
     x.add_argument("--fallback", choices=["q8_0", "f16"], default="q8_0",
-                   help="gguf type of ternary tensors that TQ blocks cannot hold exactly")
+                   help="gguf type of ternary tensors that no exact type holds (reported)")
+    x.add_argument("--embedding", choices=["q8_0", "f16"], default=None,
+                   help="gguf: embedding and head type (default: as the artifact stores them)")
     x.add_argument("--dequantize", action="store_true",
                    help="hf: write plain FP safetensors when the layout is not BitNet's (no compression)")
 
@@ -144,12 +147,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         source = str(smollm2()) if args.metadata_from == "smollm2" else args.metadata_from
         report = export_gguf(model, args.out, metadata_from=source, tokenizer_dir=args.model,
-                             ternary_type=args.ternary_type, fallback=args.fallback)
+                             ternary_type=args.ternary_type, fallback=args.fallback, embedding=args.embedding)
         types = Counter(report["tensors"].values())
-        exact = sum(1 for v in report["tensors"].values() if v.startswith("TQ"))
+        exact = report["verified_exact"]
         print(key_value_table([("file", f"{report['path']} ({report['bytes'] / 2**20:.1f} MiB)"),
                       ("tensor types", ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))),
-                      ("ternary layers that fell back", f"{len(report['fallback'])} of {len(report['fallback']) + exact}"),
+                      ("ternary layers exact (checked) / fell back", f"{exact} / {len(report['fallback'])}"),
                       ("bits per ternary weight", f"{report['bits_per_ternary_weight']:.3f}")]))
         return 0
     from .export.hf import export_hf

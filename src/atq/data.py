@@ -77,20 +77,34 @@ def _named_text(name: str) -> str:
     return "\n\n".join(rows)
 
 
+def opening_token(tokenizer) -> int | None:
+    """The BOS id when the tokenizer opens every sequence with it (Gemma; GGUF ``tokenizer.ggml.add_bos_token``,
+    which transformers maps to ``add_bos_token``), else None (SmolLM2, GPT-2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None and getattr(tokenizer, "add_bos_token", False) else None
+
+
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Tokenize ``text`` once and cut it into non-overlapping windows (n, seq_len); the tail is dropped."""
+    """Tokenize ``text`` once and cut it into non-overlapping windows (n, seq_len); the tail is dropped.
+
+    Where the tokenizer opens sequences with BOS, every window opens with it and holds seq_len - 1 tokens of
+    text: such a model (Gemma 3) reads a window without one as a broken input (WikiText-2 FP perplexity 61.5
+    instead of 23.9 on Gemma 3 270M, 4 x 512 tokens), and llama.cpp's perplexity gives each chunk a BOS too."""
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
     if max_windows is not None and max_windows < 1:
         raise DataError(f"max_windows must be >= 1 or None, got {max_windows}")
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n_windows = ids.numel() // seq_len
+    bos = opening_token(tokenizer)
+    ids = tokenizer(text, return_tensors="pt", **({} if bos is None else {"add_special_tokens": False})).input_ids[0]
+    width = seq_len - (bos is not None)
+    n_windows = ids.numel() // width
     if n_windows == 0:
         raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}: give more text or a "
                         "smaller seq_len")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    return ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+    windows = ids[: n_windows * width].reshape(n_windows, width)
+    return windows if bos is None else torch.cat([torch.full((n_windows, 1), bos, dtype=windows.dtype), windows], 1)
 
 
 def max_positions(model) -> int | None:

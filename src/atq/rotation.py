@@ -202,9 +202,14 @@ class StreamRotation(FixedDtypeBuffers, nn.Module):
         self.matrix = self.build()
 
     def apply(self, hidden: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``hidden``·Q (entering) or ``hidden``·Qᵀ·diag(gain) (leaving), in at least fp32 whatever autocast is on:
+        the rotation is a change of basis, exact in the FP model. Under bf16 autocast (end-to-end tuning and QAT
+        on a GPU) the product would be rounded to bf16, 3e-3 relative, where a model that stores E·Q in its
+        embedding table (as ATQ did before the stream rotation) adds no rounding at all."""
         matrix = self.matrix.T if transpose else self.matrix
         dtype = torch.promote_types(hidden.dtype, matrix.dtype)
-        rotated = hidden.to(dtype) @ matrix.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            rotated = hidden.to(dtype) @ matrix.to(dtype)
         return (rotated * self.gain.to(dtype) if transpose else rotated).to(hidden.dtype)
 
 
