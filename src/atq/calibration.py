@@ -48,8 +48,7 @@ def calibrated_quantize(model: nn.Module, layers: dict[str, nn.Module], config: 
     if stray:
         raise ValueError(f"calibrated quantization handles layers inside decoder blocks only; got {stray[:3]}")
     if onload and config.end_to_end:
-        raise ValueError("end-to-end tuning trains the whole model at once, so it cannot run one block at a time: "
-                         "quantize with end_to_end=None (end_to_end_steps=0) when the model does not fit the GPU")
+        raise ValueError("end-to-end tuning needs the whole model on the device; it cannot run with onload")
     home = next(model.parameters()).device
     device = home if device is None else device
 

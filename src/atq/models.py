@@ -4,6 +4,7 @@ bundled.py and cached under ``$ATQ_CACHE``)."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -54,7 +55,13 @@ def load_model(
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         _require_gguf()
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        except ValueError as error:
+            if "GGMLQuantizationType" not in str(error):
+                raise
+            raise ValueError(f"{path}: holds tensor types transformers' GGUF reader does not know ({error}); an "
+                             "ATQ export (Q2_0 blocks) runs in llama.cpp: load the ATQ artifact it came from") from error
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     else:
         model, tokenizer = _from_directory_or_hub(path, source)
@@ -69,6 +76,10 @@ def _from_directory_or_hub(path: Path, source: str) -> tuple[nn.Module, object]:
 
     if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise FileNotFoundError(f"{source}: no such file or directory (a hub id has the form owner/name)")
+    close = difflib.get_close_matches(source.lower(), bundled.BUNDLES, n=1, cutoff=0.6)
+    if not path.exists() and "/" not in source and close:
+        raise FileNotFoundError(f"{source}: no such file, directory or bundled model; did you mean {close[0]!r}? "
+                                f"(bundled: {', '.join(bundled.BUNDLES)})")
     name = str(path) if path.exists() else source
     try:
         return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)

@@ -24,6 +24,22 @@ def tensor_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
+def check_device(device: str | int | torch.device) -> torch.device:
+    """``device`` as a torch.device that can hold a model here, or a ValueError naming it and the fix (before
+    anything is changed: a model moved to ``meta`` would lose its weights)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a device name ({error}); give 'cpu', 'cuda' or 'cuda:N'") from error
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: quantization runs on 'cpu' or 'cuda' ('meta' holds no values)")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is visible here; give 'cpu' (or device='auto' in the CLI)")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return parsed
+
+
 def same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` and ``cuda:0`` name the same device when the current device is 0; so do ``cpu`` and ``cpu:0``."""
     def index(d: torch.device) -> int:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .config import Calibration, QuantConfig
 from .embedding import check_blockable, quantize_embeddings
 from .layers import PackedTernaryLinear
-from .onload import fits, same_device
+from .onload import check_device, fits, same_device
 from .quantizers import fit_ternary
 from .rotation import check_rotatable, rotate_model
 from .stats import model_stats
@@ -38,33 +38,22 @@ def quantize(
     ``device``: where the work runs (default: where the model is). A model held elsewhere (CPU memory) moves
     there whole if it fits, else calibration brings one decoder block at a time (onload.py; same result, no
     end-to-end tuning) and the model stays where it is. ``onload`` True or False decides instead of the fit.
+    Text for ``calibration="generated"`` is sampled before, where the model is.
 
     ``calibration``: token windows (n, seq_len), or a source (``wikitext2_valid``, a text file, ``generated``)
     that ``tokenizer`` turns into ``config.calibration.windows`` windows; defaults to the calibration stage's source.
     With calibration, layers are quantized block by block against their input statistics (calibration.py);
     without, each weight is ternarised on its own (quantizers.py).
 
-    Returns one report row per linear layer (ternary ones with threshold, sparsity, scales and relative
-    reconstruction error ||W - Ŵ||/||W||, measured on the fp16-scaled weight the model will actually use).
-    The config and the precision of every linear layer are attached to the model for ``save_quantized``.
+    Returns one report row per linear layer (ternary ones with threshold, sparsity, scales and relative error
+    ||W - Ŵ||/||W|| of the fp16-scaled weight); config and precisions are attached for ``save_quantized``.
     """
     config = config or QuantConfig()
+    device = None if device is None else check_device(device)
     layers = select_linear_layers(model, config)
-    # Validate every weight (and the calibration data) before touching the model: a NaN in the last layer or
-    # a too-short text must leave it unmodified.
-    weights = {name: linear_weight(module).detach() for name, module in layers.items()}
-    for name, weight in weights.items():
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"{name}.weight contains NaN/Inf values; ternarisation needs finite weights")
-    if config.embedding != "fp":
-        try:
-            check_blockable(model)
-        except ValueError as error:
-            raise ValueError(f"QuantConfig.embedding={config.embedding!r}: {error}") from error
-    if config.rotation is not None:
-        check_rotatable(model)  # before the calibration data: a refusal must come before any slow work
+    weights = _checked_weights(model, layers, config)
     windows = calibration_windows(model, config, calibration, tokenizer)
-    target, onload = _place(model, device, onload, windows is not None)
+    target, onload = _place(model, config, device, onload, windows is not None)
     if config.rotation is not None:
         rotate_model(model, config.rotation)  # the same function; the weights to ternarise change
         weights = {name: linear_weight(module).detach() for name, module in layers.items()}
@@ -85,15 +74,38 @@ def quantize(
     return report
 
 
-def _place(model: nn.Module, device: str | torch.device | None, onload: bool | None,
+def _checked_weights(model: nn.Module, layers: dict[str, nn.Module], config: QuantConfig) -> dict[str, torch.Tensor]:
+    """The layers' weights, once every check that can refuse has passed: validated before the model is touched
+    (then the calibration data), so a NaN in the last layer or a too-short text leaves it unmodified."""
+    weights = {name: linear_weight(module).detach() for name, module in layers.items()}
+    for name, weight in weights.items():
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{name}.weight contains NaN/Inf values; ternarisation needs finite weights")
+    if config.embedding != "fp":
+        try:
+            check_blockable(model)
+        except ValueError as error:
+            raise ValueError(f"QuantConfig.embedding={config.embedding!r}: {error}") from error
+    if config.rotation is not None:
+        check_rotatable(model)  # before the calibration data: a refusal must come before any slow work
+    return weights
+
+
+def _place(model: nn.Module, config: QuantConfig, device: torch.device | None, onload: bool | None,
            calibrated: bool) -> tuple[torch.device, bool]:
     """Where quantize's work runs and whether blocks are onloaded (see ``quantize``); moves the model there when
-    it goes whole."""
+    it goes whole. Refuses what onloading cannot do before the model changes."""
     home = next(model.parameters()).device
-    elsewhere = device is not None and not same_device(home, torch.device(device))
-    target = torch.device(device) if device is not None else home
+    elsewhere = device is not None and not same_device(home, device)
+    target = device if device is not None else home
     if onload is None:
         onload = elsewhere and calibrated and not fits(model, target)
+    if onload and not calibrated:
+        raise ValueError("onload brings decoder blocks to the device one at a time for calibration, and this "
+                         "quantization has no calibration data: drop onload, or give calibration")
+    if onload and config.end_to_end:
+        raise ValueError("end-to-end tuning trains the whole model at once, so it cannot run one block at a time: "
+                         "quantize with end_to_end=None (end_to_end_steps=0) when the model does not fit the GPU")
     if elsewhere and not onload:
         model.to(target)
     return target, onload

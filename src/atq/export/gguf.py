@@ -136,7 +136,10 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module) -> int:
     were checked. Raises ExportError naming the first tensor that differs (a corrupted or foreign block)."""
     import gguf
 
-    _, tensors = read_gguf(path)
+    try:
+        _, tensors = read_gguf(path)
+    except (ValueError, OSError) as error:
+        raise ExportError(f"cannot check {path}: {error}") from error
     checked = 0
     for name, module in model.named_modules():
         if not isinstance(module, PackedTernaryLinear):
@@ -242,7 +245,8 @@ def _fp_tensors(model: nn.Module, report: dict[str, Any], choice: str | None) ->
     modules = dict(model.named_modules())
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     rotated = hasattr(getattr(model, "model", None), "atq_rotation")
-    tied = getattr(head, "weight", None) is getattr(embedding, "weight", None) or isinstance(head, TiedQuantizedHead)
+    tied = isinstance(head, TiedQuantizedHead) or (
+        getattr(head, "weight", None) is not None and head.weight is getattr(embedding, "weight", None))
     blocked = isinstance(embedding, BlockQuantizedMatrix)
     as_blocks = blocked and not rotated and choice in (None, embedding.kind)
     tensors = _block_tensors(model, report, tied) if as_blocks else []

@@ -58,7 +58,9 @@ def open_source(source: str | os.PathLike, config: Any, out: str | os.PathLike) 
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as error:
-        raise ExportError(f"metadata_from {source}: not a readable GGUF file ({error})") from error
+        hint = (" — it holds tensor types the gguf package does not know, such as the Q2_0 blocks ATQ exports: "
+                "give the GGUF the model came from" if "GGMLQuantizationType" in str(error) else "")
+        raise ExportError(f"metadata_from {source}: not a readable GGUF file ({error}){hint}") from error
     architecture = reader.fields.get("general.architecture")
     if architecture is None or architecture.contents() != "llama":
         raise ExportError(f"metadata_from {source}: metadata of a non-Llama model "

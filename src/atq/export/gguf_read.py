@@ -38,7 +38,10 @@ def _read(handle: IO[bytes], fmt: str) -> object:
 
 def _string(handle: IO[bytes]) -> str:
     length = _read(handle, "Q")
-    return handle.read(length).decode("utf-8")
+    raw = handle.read(length)
+    if len(raw) != length:
+        raise ValueError("truncated GGUF file")
+    return raw.decode("utf-8")
 
 
 def _value(handle: IO[bytes], kind: int) -> object:
@@ -57,25 +60,35 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, object], dict[str, GGU
     with open(path, "rb") as handle:
         if handle.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
-        _read(handle, "I")  # version
-        n_tensors, n_kv = _read(handle, "Q"), _read(handle, "Q")
-        metadata = {}
-        for _ in range(n_kv):
-            key = _string(handle)
-            metadata[key] = _value(handle, _read(handle, "I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = _string(handle)
-            dims = [_read(handle, "Q") for _ in range(_read(handle, "I"))]
-            infos.append((name, tuple(reversed(dims)), _read(handle, "I"), _read(handle, "Q")))
-        alignment = int(metadata.get("general.alignment", 32))
-        start = -(-handle.tell() // alignment) * alignment
+        try:
+            return _parse(path, handle)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
+
+
+def _parse(path: str | os.PathLike, handle: IO[bytes]) -> tuple[dict[str, object], dict[str, GGUFTensor]]:
+    """read_gguf past the magic; ValueErrors name what is wrong, read_gguf adds the path."""
+    _read(handle, "I")  # version
+    n_tensors, n_kv = _read(handle, "Q"), _read(handle, "Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = _string(handle)
+        metadata[key] = _value(handle, _read(handle, "I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = _string(handle)
+        dims = [_read(handle, "Q") for _ in range(_read(handle, "I"))]
+        infos.append((name, tuple(reversed(dims)), _read(handle, "I"), _read(handle, "Q")))
+    alignment = int(metadata.get("general.alignment", 32))
+    start = -(-handle.tell() // alignment) * alignment
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = {}
     for name, shape, kind, offset in infos:
         if kind not in SIZES:
-            raise ValueError(f"{path}: tensor {name} has ggml type {kind}, which this reader does not size")
+            raise ValueError(f"tensor {name} has ggml type {kind}, which this reader does not size")
         block, block_bytes = SIZES[kind]
         nbytes = int(np.prod(shape)) // block * block_bytes
+        if start + offset + nbytes > raw.size:
+            raise ValueError(f"truncated GGUF file: tensor {name} ends past the end of the file")
         tensors[name] = GGUFTensor(name, shape, kind, start + offset, raw[start + offset : start + offset + nbytes])
     return metadata, tensors
