@@ -108,3 +108,15 @@ def test_a_gemma3_model_is_evaluated_and_calibrated_on_bos_windows(tmp_path):
     quantize(model, QuantConfig(group_size=32, calibration=str(tmp_path / "text.txt"), calibration_windows=4,
                                 calibration_seq_len=32), tokenizer=BosTokenizer(), quiet=True)
     assert len(seen) >= 2 and all((first == 1).all() for first in seen)
+
+
+def test_a_plain_callable_tokenizer_that_asks_for_bos_still_gets_bos_windows():
+    class Plain:  # no add_special_tokens keyword: it always opens the text with BOS
+        bos_token_id, add_bos_token = 1, True
+
+        def __call__(self, text, return_tensors=None):
+            return __import__("types").SimpleNamespace(input_ids=torch.tensor([[1, *text.encode("utf-8")]]))
+
+    text = "abcdefghij" * 5
+    windows = token_windows(Plain(), text, seq_len=16)
+    assert (windows[:, 0] == 1).all() and torch.equal(windows[:, 1:].reshape(-1), torch.tensor(list(text.encode()))[:45])

@@ -84,6 +84,18 @@ def opening_token(tokenizer) -> int | None:
     return bos if bos is not None and getattr(tokenizer, "add_bos_token", False) else None
 
 
+def _text_ids(tokenizer, text: str, bos: int | None) -> torch.Tensor:
+    """The text's token ids; without the opening BOS when ``bos`` is given (it is added per window), also for a
+    plain callable tokenizer that takes no ``add_special_tokens``."""
+    if bos is None:
+        return tokenizer(text, return_tensors="pt").input_ids[0]
+    try:
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    except TypeError:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        return ids[1:] if len(ids) and int(ids[0]) == bos else ids
+
+
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Tokenize ``text`` once and cut it into non-overlapping windows (n, seq_len); the tail is dropped.
 
@@ -95,7 +107,7 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = 
     if max_windows is not None and max_windows < 1:
         raise DataError(f"max_windows must be >= 1 or None, got {max_windows}")
     bos = opening_token(tokenizer)
-    ids = tokenizer(text, return_tensors="pt", **({} if bos is None else {"add_special_tokens": False})).input_ids[0]
+    ids = _text_ids(tokenizer, text, bos)
     width = seq_len - (bos is not None)
     n_windows = ids.numel() // width
     if n_windows == 0:
