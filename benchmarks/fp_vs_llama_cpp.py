@@ -13,30 +13,13 @@ from its logits exactly as ATQ's (mean NLL of every next token of a window, then
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-
-import numpy as np
-import torch
 
 from atq import load_model
 from atq.data import load_text, opening_token, token_windows
-from atq.evaluate import evaluate_windows
+from atq.evaluate import evaluate_windows, llama_cpp_perplexity
 from atq.files import write_json
 from atq.models import resolve_source
-
-
-def llama_cpp_perplexity(llm, windows: torch.Tensor) -> float:
-    """exp(mean over windows of the mean next-token NLL), from llama.cpp's logits for the same token ids."""
-    losses = []
-    for window in windows.tolist():
-        llm.reset()
-        llm.eval(window)
-        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        losses.append(-logp[np.arange(len(window) - 1), window[1:]].mean())
-    return math.exp(float(np.mean(losses)))
 
 
 def main() -> int:

@@ -16,38 +16,21 @@ activations in its Q2_0 dot products), generation tokens/s on the CPU for both, 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from atq import QuantConfig, load_model, load_quantized, smollm2
 from atq.data import load_text, token_windows
-from atq.evaluate import evaluate_windows
+from atq.evaluate import evaluate_windows, llama_cpp_perplexity
 from atq.export.gguf import export_gguf
 from atq.files import write_json
 from atq.measure import measure_recipe
 
 CPU_CONFIG = QuantConfig(granularity="group", group_size=64, rotation="hadamard", calibration="wikitext2_valid",
                          calibration_windows=8, calibration_seq_len=512, reconstruct_steps=16, end_to_end_steps=16)
-
-
-def llama_cpp_perplexity(llm, windows: torch.Tensor) -> float:
-    """exp(mean over windows of the mean next-token NLL), from llama.cpp's logits for the same token ids."""
-    losses = []
-    for window in windows.tolist():
-        llm.reset()
-        llm.eval(window)
-        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        losses.append(-logp[np.arange(len(window) - 1), window[1:]].mean())
-    return math.exp(float(np.mean(losses)))
 
 
 def generation_speed(llm, prompt: str, tokens: int = 64) -> tuple[float, str]:

@@ -47,3 +47,25 @@ def test_windows_longer_than_the_models_positions_are_refused_naming_both(family
     with pytest.raises(DataError, match="seq_len 300 is longer than the model's 256 positions"):
         evaluate_windows(model, torch.zeros(1, 300, dtype=torch.long), quiet=True)
     assert math.isfinite(perplexity(model, char_tokenizer, text_file, seq_len=256, max_windows=1, quiet=True))
+
+
+def test_llama_cpp_perplexity_reads_logits_as_evaluate_windows_does():
+    """A stand-in for llama_cpp.Llama that serves a tiny model's logits: the perplexity from them must be the
+    one evaluate_windows computes (the protocol both sides of a GGUF comparison share)."""
+    from types import SimpleNamespace
+
+    from atq.evaluate import evaluate_windows, llama_cpp_perplexity
+
+    from .conftest import make_llama
+
+    model = make_llama(seed=4)
+    windows = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
+    llm = SimpleNamespace(scores=None, reset=lambda: None)
+
+    def run(window):
+        with torch.no_grad():
+            llm.scores = model(torch.tensor([window])).logits[0].double().numpy()
+
+    llm.eval = run
+    assert llama_cpp_perplexity(llm, windows) == pytest.approx(evaluate_windows(model, windows, quiet=True)["ppl"],
+                                                               rel=1e-5)

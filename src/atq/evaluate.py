@@ -73,3 +73,20 @@ def perplexity(
 ) -> float:
     """WikiText-2 (or any text) perplexity of ``model`` under the GPTQ protocol."""
     return evaluate(model, tokenizer, source, seq_len, max_windows, batch_size, quiet)["ppl"]
+
+
+def llama_cpp_perplexity(llm, windows: torch.Tensor) -> float:
+    """The same perplexity as ``evaluate_windows``, from llama.cpp's logits for the same token ids: ``llm`` is a
+    ``llama_cpp.Llama`` opened with ``logits_all=True`` and ``n_ctx`` at least the window length. For comparing a
+    GGUF in llama.cpp with the model in ATQ on identical tokens (benchmarks/gguf_smollm2.py, fp_vs_llama_cpp.py)."""
+    import numpy as np
+
+    losses = []
+    for window in windows.tolist():
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        losses.append(-logp[np.arange(len(window) - 1), window[1:]].mean())
+    return math.exp(float(np.mean(losses)))
