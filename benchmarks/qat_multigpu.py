@@ -34,6 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from random_llama import SHAPES, random_llama
 
 from atq import QuantConfig, load_model
 from atq.data import load_text, token_windows
@@ -42,12 +43,6 @@ from atq.files import write_json
 from atq.qat import TrainConfig, prepare_qat, train
 from atq.stats import markdown_table
 from atq.surgery import decoder_blocks
-
-SHAPES = {"llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
-             "tie_word_embeddings": False},
-          "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False}}
 
 
 def _init() -> tuple[int, int, str]:
@@ -100,21 +95,12 @@ def run_dp(args: argparse.Namespace) -> dict:
             **_rates(history, skip=20), "memory": _memory(world)}
 
 
-def _llama(shape: str, device: str) -> torch.nn.Module:
-    """A Llama of ``shape`` with random weights, built directly on ``device`` (the same on every process)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        return LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
-
-
 def run_fsdp(args: argparse.Namespace) -> dict:
     rank, world, device = _init()
     started, row = time.perf_counter(), {"world": world, "sharded": not args.no_shard, "shape": args.shape,
                                          "seq_len": args.seq_len, "global_batch": args.batch_size}
     try:
-        student = _llama(args.shape, device)
+        student = random_llama(args.shape, device)
         row["parameters"] = sum(p.numel() for p in student.parameters())
         teacher = copy.deepcopy(student).to(torch.bfloat16).eval() if not args.no_teacher else None
         prepare_qat(student, QuantConfig(group_size=64), learned_scales=True)
@@ -189,7 +175,7 @@ def main() -> int:
     parser.add_argument("--fsdp-steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=2048, help="fsdp windows")
     parser.add_argument("--batch-size", type=int, default=4, help="fsdp global micro-batch, windows")
-    parser.add_argument("--shape", choices=list(SHAPES), default="llama3-8b",
+    parser.add_argument("--shape", choices=["llama3-8b", "tiny"], default="llama3-8b",
                         help="fsdp model shape (tiny: a CPU smoke test of this script)")
     parser.add_argument("--no-shard", action="store_true", help="fsdp: train the whole model on each process")
     parser.add_argument("--no-teacher", action="store_true", help="fsdp: next-token loss, no teacher")

@@ -19,36 +19,18 @@ import sys
 import time
 
 import torch
+from random_llama import SHAPES, random_llama
 
 from atq import QuantConfig, quantize
 from atq.files import write_json
 
-SHAPES = {
-    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "vocab_size": 128256},
-    "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-            "num_key_value_heads": 8, "vocab_size": 128256},
-    "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": 512},
-}
 
-
-def _model(shape: dict, layers: int | None, device: str) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**{**shape, "num_hidden_layers": layers or shape["num_hidden_layers"]},
-                         max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device(device):
-        return LlamaForCausalLM(config)  # fp32: calibration computes in fp32 (an artifact stores FP parts in bf16)
-
-
-def run(name: str, shape: dict, layers: int | None, home: str, args: argparse.Namespace) -> dict:
+def run(name: str, shape: str, layers: int | None, home: str, args: argparse.Namespace) -> dict:
     """Quantize one model (built in ``home`` memory) with the work on the GPU; seconds and peak memories."""
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    model = _model(shape, layers, home)
-    windows = torch.randint(0, shape["vocab_size"], (args.windows, args.seq_len), generator=torch.Generator().manual_seed(0))
+    model = random_llama(shape, home, layers)  # fp32: calibration computes in fp32 (artifacts store bf16 FP parts)
+    windows = torch.randint(0, SHAPES[shape]["vocab_size"], (args.windows, args.seq_len), generator=torch.Generator().manual_seed(0))
     config = QuantConfig(group_size=64, reconstruct_steps=args.reconstruct_steps)  # calibration: the windows given
     if cuda:
         torch.cuda.synchronize()
@@ -58,7 +40,7 @@ def run(name: str, shape: dict, layers: int | None, home: str, args: argparse.Na
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    row = {"run": name, "blocks": layers or shape["num_hidden_layers"], "model_in": home, "seconds": seconds,
+    row = {"run": name, "blocks": layers or SHAPES[shape]["num_hidden_layers"], "model_in": home, "seconds": seconds,
            "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "cpu_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     print(row, file=sys.stderr, flush=True)
@@ -79,8 +61,8 @@ def main() -> int:
     parser.add_argument("--out", default="results/scale_h200.json")
     args = parser.parse_args()
     gpu = "cuda" if torch.cuda.is_available() else "cpu"
-    big = SHAPES["tiny"] if args.shape == "tiny" else SHAPES["8b"]
-    huge = SHAPES["tiny"] if args.shape == "tiny" else SHAPES["70b"]
+    big = "tiny" if args.shape == "tiny" else "llama3-8b"
+    huge = "tiny" if args.shape == "tiny" else "llama3-70b"
     rows = []
     for name in args.runs:
         if name == "8b-gpu":
@@ -89,7 +71,7 @@ def main() -> int:
             rows.append(run(name, big, None, "cpu", args))
         else:  # one block of the 70B shape (embedding and head included once), projected to all of its blocks
             row = run(name, huge, 1, "cpu", args)
-            row["projected_seconds_all_blocks"] = row["seconds"] * huge["num_hidden_layers"]
+            row["projected_seconds_all_blocks"] = row["seconds"] * SHAPES[huge]["num_hidden_layers"]
             rows.append(row)
     write_json(args.out, {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                           "windows": args.windows, "seq_len": args.seq_len,

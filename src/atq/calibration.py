@@ -27,7 +27,7 @@ from .capture import (
 from .config import Calibration, QuantConfig
 from .gptq import gptq_ternary_batched
 from .layers import PackedTernaryLinear
-from .onload import onloaded, outside
+from .onload import check_onload, onloaded, outside
 from .surgery import decoder_blocks, linear_weight, set_module
 from .ternary import PackedTernary, TernaryTensor
 from .tuning import reconstruct_block, tune_end_to_end
@@ -47,8 +47,8 @@ def calibrated_quantize(model: nn.Module, layers: dict[str, nn.Module], config: 
     stray = [n for n in layers if not n.startswith(f"{prefix}.")]
     if stray:
         raise ValueError(f"calibrated quantization handles layers inside decoder blocks only; got {stray[:3]}")
-    if onload and config.end_to_end:
-        raise ValueError("end-to-end tuning needs the whole model on the device; it cannot run with onload")
+    if onload:
+        check_onload(calibrated=True, end_to_end=config.end_to_end is not None)
     home = next(model.parameters()).device
     device = home if device is None else device
 

@@ -40,6 +40,17 @@ def check_device(device: str | int | torch.device) -> torch.device:
     return parsed
 
 
+def check_onload(calibrated: bool, end_to_end: bool) -> None:
+    """Refuse what onloading cannot do (callers check before the model changes): it moves blocks for calibration,
+    so it needs calibration data, and end-to-end tuning trains all blocks at once."""
+    if not calibrated:
+        raise ValueError("onload brings decoder blocks to the device one at a time for calibration, and this "
+                         "quantization has no calibration data: drop onload, or give calibration")
+    if end_to_end:
+        raise ValueError("end-to-end tuning trains the whole model at once, so it cannot run one block at a time: "
+                         "quantize with end_to_end=None (end_to_end_steps=0) when the model does not fit the GPU")
+
+
 def same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` and ``cuda:0`` name the same device when the current device is 0; so do ``cpu`` and ``cpu:0``."""
     def index(d: torch.device) -> int:

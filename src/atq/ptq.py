@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .config import Calibration, QuantConfig
 from .embedding import check_blockable, quantize_embeddings
 from .layers import PackedTernaryLinear
-from .onload import check_device, fits, same_device
+from .onload import check_device, check_onload, fits, same_device
 from .quantizers import fit_ternary
 from .rotation import check_rotatable, rotate_model
 from .stats import model_stats
@@ -100,12 +100,8 @@ def _place(model: nn.Module, config: QuantConfig, device: torch.device | None, o
     target = device if device is not None else home
     if onload is None:
         onload = elsewhere and calibrated and not fits(model, target)
-    if onload and not calibrated:
-        raise ValueError("onload brings decoder blocks to the device one at a time for calibration, and this "
-                         "quantization has no calibration data: drop onload, or give calibration")
-    if onload and config.end_to_end:
-        raise ValueError("end-to-end tuning trains the whole model at once, so it cannot run one block at a time: "
-                         "quantize with end_to_end=None (end_to_end_steps=0) when the model does not fit the GPU")
+    if onload:
+        check_onload(calibrated, config.end_to_end is not None)
     if elsewhere and not onload:
         model.to(target)
     return target, onload

@@ -89,8 +89,7 @@ def prepare_qat(
 
     A model loaded from a PTQ artifact is trained from its ternary layers: their dequantized weights become
     the latent weights, so training starts where post-training quantization ended (with learned scales, at the
-    artifact's own scales: the dequantized weights re-fit to them exactly). See TernaryLinear for the options.
-    """
+    artifact's own scales: the dequantized weights re-fit to them exactly). See TernaryLinear for the options."""
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedTernaryLinear)}
     layers = packed or select_linear_layers(model, config)
     for name, module in layers.items():
@@ -150,7 +149,7 @@ class _Run:
     def __init__(self, student: nn.Module, config: TrainConfig, checkpoint_dir: str | Path | None,
                  log_path: str | Path | None) -> None:
         self.rank, self.world = rank_and_world()
-        self.sharded = is_sharded(student)  # FSDP2 reduce-scatters the gradients itself
+        self.sharded = is_sharded(student)
         if checkpoint_dir is not None:
             checkpoint.check_directory(checkpoint_dir)
         if config.batch_size % self.world:
@@ -278,7 +277,8 @@ def train(
         if (broken := _non_finite(model)) is not None:
             raise ValueError(f"train: the {role}'s {broken} holds NaN or inf before training: the model (or its "
                              "checkpoint) is broken, not the learning rate; load it again from its source")
-    if teacher is not None: teacher.eval()
+    if teacher is not None:
+        teacher.eval()
     student.train()
     bar = tqdm(range(run.start, config.steps), desc="qat", disable=quiet or run.rank != 0, unit="step",
                initial=run.start, total=config.steps)

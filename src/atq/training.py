@@ -118,7 +118,9 @@ def _windows(args: argparse.Namespace, sources: list[str], texts: dict[str, str]
              rank: int) -> torch.Tensor:
     """The training windows of every source, concatenated (``train`` reshuffles every epoch)."""
     from .data import cached_generated_windows, token_windows
+    from .distributed import barrier, rank_and_world
 
+    world = rank_and_world()[1]
     parts = []
     for source in sources:
         if source == "generated":
@@ -126,7 +128,7 @@ def _windows(args: argparse.Namespace, sources: list[str], texts: dict[str, str]
             if rank == 0:  # one process samples; the others read the cache it writes
                 parts.append(cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, cache,
                                                       quiet=args.quiet))
-            barrier()
+            barrier(world)
             if rank != 0:
                 parts.append(cached_generated_windows(teacher, tokenizer, args.windows, args.seq_len, cache,
                                                       quiet=True))
@@ -168,9 +170,3 @@ def init_distributed(device: str) -> tuple[int, str]:
         torch.cuda.set_device(local)
     return dist.get_rank(), f"cuda:{local}" if use_cuda else "cpu"
 
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

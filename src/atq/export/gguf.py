@@ -4,10 +4,9 @@ Each ternary layer gets the smallest llama.cpp type that holds it *exactly* (the
 ATQ's weight; ``ternary_type="auto"``): TQ2_0 (blocks of 256 along a row, one fp16 scale, 2.06 bits) where rows
 and groups are whole multiples of 256, else Q2_0 (blocks of 64, 2.25 bits; q2_0.py) where they are multiples
 of 64 — SmolLM2's 576-wide rows with groups of 64. What neither holds (two trit-planes, groups of 32 or 96)
-falls back to ``fallback`` (default Q8_0: blocks of 32 with d = max|x|/127, exact up to the fp16 rounding of d,
-8.5 bits; F16 where rows are not whole blocks of 32) and is listed in the report, never silently. The report
-gives every tensor's type and the bits per ternary weight as written; every Q2_0/TQ tensor is read back from
-the written file and checked bit for bit before the file is published (``verify_gguf``).
+falls back to ``fallback`` (default Q8_0, exact up to the fp16 rounding of d, 8.5 bits; F16 where rows are not
+whole blocks of 32), listed in the report with every tensor's type and the bits per ternary weight. Every exact
+tensor is read back from the written file and checked bit for bit before it is published (``verify_gguf``).
 
 Metadata and tokenizer: copied from a source GGUF (``metadata_from``, e.g. the bundled SmolLM2 file) or written
 from the HF config and a BPE ``tokenizer.json``. llama.cpp expects q/k rows in the GGML rotary order, so they
@@ -65,9 +64,8 @@ def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def ternary_exact(weight: PackedTernary) -> bool:
-    """Whether TQ blocks of 256 can hold this weight exactly: one plane, rows of whole blocks, one scale a block."""
-    one_scale_per_block = weight.group_size >= weight.in_features or weight.group_size % _BLOCK == 0
-    return weight.planes == 1 and weight.in_features % _BLOCK == 0 and one_scale_per_block
+    """Whether TQ blocks of 256 can hold this weight exactly (the rule Q2_0's blocks of 64 follow too)."""
+    return q2_0.holds_exactly(weight, _BLOCK)
 
 
 def export_gguf(
@@ -114,12 +112,9 @@ def export_gguf(
         else:
             write_metadata(writer, config, tokenizer_dir)
         writer.add_file_type(file_type)
-        for name, data, kind in tensors:
-            if kind == q2_0.GGML_TYPE:  # a type gguf 0.19 does not know: raw bytes with the logical shape
-                writer.add_tensor(name, data.view(np.int8), raw_shape=(data.shape[0], data.shape[1] // q2_0.BLOCK_BYTES
-                                                                     * q2_0.BLOCK), raw_dtype=kind)
-            else:
-                writer.add_tensor(name, data, raw_dtype=kind)
+        for name, data, kind in tensors:  # Q2_0, a type gguf 0.19 does not know: raw bytes, the weights' shape
+            raw = (data.view(np.int8), q2_0.weight_shape(data)) if kind == q2_0.GGML_TYPE else (data, None)
+            writer.add_tensor(name, raw[0], raw_shape=raw[1], raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -147,19 +142,26 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module) -> int:
         tensor = tensors.get(gguf_name(name) + ".weight")
         if tensor is None:
             raise ExportError(f"{path}: tensor {gguf_name(name)}.weight of layer {name} is missing")
+        if tensor.ggml_type not in _exact_types():
+            continue  # a reported fallback (Q8_0 / F16): not exact by design
         if tensor.ggml_type == q2_0.GGML_TYPE:
             values = q2_0.dequantize(tensor.data, *tensor.shape)
-        elif tensor.ggml_type in (gguf.GGMLQuantizationType.TQ2_0, gguf.GGMLQuantizationType.TQ1_0):
+        else:
             values = gguf.quants.dequantize(np.asarray(tensor.data).reshape(tensor.shape[0], -1),
                                             gguf.GGMLQuantizationType(tensor.ggml_type))
-        else:
-            continue  # a reported fallback (Q8_0 / F16): not exact by design
         expected = _llama_cpp_rows(model, name, module.qweight.dequantize(torch.float32)).numpy()
         if values.shape != expected.shape or not np.array_equal(values, expected):
             raise ExportError(f"{path}: tensor {gguf_name(name)}.weight does not dequantize to layer {name}'s "
                               "weight (a corrupted or foreign block); export the artifact again")
         checked += 1
     return checked
+
+
+def _exact_types() -> set[Any]:
+    """The GGUF types that hold a ternary layer exactly (checked after writing); the others are fallbacks."""
+    import gguf
+
+    return {q2_0.GGML_TYPE, gguf.GGMLQuantizationType.TQ2_0, gguf.GGMLQuantizationType.TQ1_0}
 
 
 def _file_type(kinds: set[Any], fallback: bool) -> int:
@@ -225,8 +227,7 @@ def _ternary_tensors(model: nn.Module, choice: str, fallback: Any,
             if kind == gguf.GGMLQuantizationType.Q8_0 and module.in_features % 32:  # Q8_0 blocks are 32 wide
                 kind = gguf.GGMLQuantizationType.F16
             stored = data.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(data, kind)
-        if kind not in (q2_0.GGML_TYPE, gguf.GGMLQuantizationType.TQ2_0, gguf.GGMLQuantizationType.TQ1_0) and (
-                choice != "f16"):
+        if kind not in _exact_types() and choice != "f16":
             report["fallback"].append(name)
         tensors.append((gguf_name(name) + ".weight", stored, kind))
         report["tensors"][name] = "Q2_0" if kind == q2_0.GGML_TYPE else kind.name

@@ -14,10 +14,10 @@ from typing import IO, NamedTuple
 
 import numpy as np
 
+from .q2_0 import BLOCK, BLOCK_BYTES, GGML_TYPE
+
 # value type -> struct format of a scalar (8: string, 9: array are read apart)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-# ggml type -> (block size, bytes per block) of the types an ATQ export writes or reads back
-SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 34: (256, 54), 35: (256, 66), 42: (64, 18)}
 
 
 class GGUFTensor(NamedTuple):
@@ -26,6 +26,13 @@ class GGUFTensor(NamedTuple):
     ggml_type: int
     offset: int  # where its bytes start in the file
     data: np.ndarray  # the tensor's raw bytes (uint8)
+
+
+def _sizes() -> dict[int, tuple[int, int]]:
+    """ggml type -> (weights per block, bytes per block): the gguf package's table, plus Q2_0, which it lacks."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return {int(kind): size for kind, size in GGML_QUANT_SIZES.items()} | {GGML_TYPE: (BLOCK, BLOCK_BYTES)}
 
 
 def _read(handle: IO[bytes], fmt: str) -> object:
@@ -82,11 +89,12 @@ def _parse(path: str | os.PathLike, handle: IO[bytes]) -> tuple[dict[str, object
     alignment = int(metadata.get("general.alignment", 32))
     start = -(-handle.tell() // alignment) * alignment
     raw = np.memmap(path, dtype=np.uint8, mode="r")
+    sizes = _sizes()
     tensors = {}
     for name, shape, kind, offset in infos:
-        if kind not in SIZES:
+        if kind not in sizes:
             raise ValueError(f"tensor {name} has ggml type {kind}, which this reader does not size")
-        block, block_bytes = SIZES[kind]
+        block, block_bytes = sizes[kind]
         nbytes = int(np.prod(shape)) // block * block_bytes
         if start + offset + nbytes > raw.size:
             raise ValueError(f"truncated GGUF file: tensor {name} ends past the end of the file")

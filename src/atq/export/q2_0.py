@@ -24,10 +24,11 @@ BLOCK = 64  # QK2_0
 BLOCK_BYTES = 2 + BLOCK // 4  # sizeof(block_q2_0): ggml_half d, uint8_t qs[QK2_0 / 4]
 
 
-def holds_exactly(weight: PackedTernary) -> bool:
-    """Whether Q2_0 blocks hold ``weight`` exactly: one plane, rows of whole 64-blocks, one scale per block."""
-    one_scale_per_block = weight.group_size >= weight.in_features or weight.group_size % BLOCK == 0
-    return weight.planes == 1 and weight.in_features % BLOCK == 0 and one_scale_per_block
+def holds_exactly(weight: PackedTernary, block: int = BLOCK) -> bool:
+    """Whether ggml blocks of ``block`` weights along a row, one fp16 scale each, hold ``weight`` exactly: one
+    plane, rows of whole blocks, one scale per block. Q2_0's blocks are 64 wide, TQ2_0's and TQ1_0's 256."""
+    one_scale_per_block = weight.group_size >= weight.in_features or weight.group_size % block == 0
+    return weight.planes == 1 and weight.in_features % block == 0 and one_scale_per_block
 
 
 def encode(weight: PackedTernary) -> np.ndarray:
@@ -50,6 +51,11 @@ def encode(weight: PackedTernary) -> np.ndarray:
     out[..., :2] = np.ascontiguousarray(d).view(np.uint8).reshape(rows, blocks, 2)
     out[..., 2:] = qs
     return out.reshape(rows, blocks * BLOCK_BYTES)
+
+
+def weight_shape(blocks: np.ndarray) -> tuple[int, int]:
+    """The (out, in) shape of the weight that ``encode`` turned into these (out, in / 64 * 18) bytes."""
+    return blocks.shape[0], blocks.shape[1] // BLOCK_BYTES * BLOCK
 
 
 def dequantize(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
