@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atq import QuantConfig, load_quantized, quantize, save_quantized
-from atq.rotation import check_rotatable, hadamard, random_rotation, rotate_model
+from atq.rotation import check_rotatable, folded_stream, hadamard, random_rotation, rotate_model
 
 from .conftest import make_llama
 
@@ -150,3 +150,24 @@ def test_the_stream_rotation_stays_fp32_under_bf16_autocast():
             got = rotation.apply(hidden, transpose=transpose)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_stream_enters_as_the_folded_table_bit_for_bit():
+    """Calibration must see the inputs a model with the rotation folded into its embedding sees (the GGUF, and
+    ATQ before the stream rotation): the rows of E·Q taken in float64 and rounded once. An fp32 product differs
+    by ~1e-7, enough to flip GPTQ rounding decisions (the one-plane SmolLM2 recipe moved by 4-5% on a GPU).
+    Hidden width 576 (SmolLM2's), where 1/sqrt(576) is inexact in fp32. Reference: folded_stream's table."""
+    model = make_llama(seed=3, hidden=576)  # 4 heads of 144
+    rotate_model(model, "hadamard")
+    ids = torch.tensor([[0, 5, 17, 31, 63, 7]])
+    table = folded_stream(model)[0]
+    captured = {}
+    layer = model.model.layers[0]
+    layer.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(x=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    model(ids)
+    entered, expected = captured["x"], table[ids]
+    differ = entered != expected  # float64 results one rounding tie apart may round to neighbouring floats
+    assert differ.float().mean() < 1e-3, f"{int(differ.sum())} of {differ.numel()} entries differ"
+    ulp = torch.finfo(torch.float32).eps * expected.abs()
+    assert ((entered - expected).abs() <= ulp).all()

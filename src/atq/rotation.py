@@ -202,15 +202,29 @@ class StreamRotation(FixedDtypeBuffers, nn.Module):
         self.matrix = self.build()
 
     def apply(self, hidden: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """``hidden``·Q (entering) or ``hidden``·Qᵀ·diag(gain) (leaving), in at least fp32 whatever autocast is on:
-        the rotation is a change of basis, exact in the FP model. Under bf16 autocast (end-to-end tuning and QAT
-        on a GPU) the product would be rounded to bf16, 3e-3 relative, where a model that stores E·Q in its
-        embedding table (as ATQ did before the stream rotation) adds no rounding at all."""
+        """``hidden``·Q (entering) or ``hidden``·Qᵀ·diag(gain) (leaving), whatever autocast is on: the rotation is
+        a change of basis, exact in the FP model, so bf16 autocast (tuning and QAT on a GPU) must not round it.
+
+        Entering, the product is taken in float64 and rounded once: exactly the rows of the table E·Q that a
+        model with the rotation folded into its embedding stores, so calibration sees the same inputs whether
+        the rotation is folded (llama.cpp's GGUF, ATQ before the stream rotation) or hooked. GPTQ's rounding
+        decisions flip under 1e-7 input differences, so an fp32 product here moved the recipes' results.
+        Leaving, fp32 suffices: no rounding decision follows it."""
         matrix = self.matrix.T if transpose else self.matrix
         dtype = torch.promote_types(hidden.dtype, matrix.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            rotated = hidden.to(dtype) @ matrix.to(dtype)
-        return (rotated * self.gain.to(dtype) if transpose else rotated).to(hidden.dtype)
+            if transpose:
+                return (hidden.to(dtype) @ matrix.to(dtype) * self.gain.to(dtype)).to(hidden.dtype)
+            return (hidden.double() @ self.rotation64()).to(hidden.dtype)
+
+    def rotation64(self) -> torch.Tensor:
+        """Q in float64 (built once per device): the entering product's factor."""
+        cached = getattr(self, "_matrix64", None)
+        if cached is None or cached.device != self.matrix.device:
+            with torch.device("cpu"):
+                cached = random_rotation(self.gain.shape[0], self.kind, self.seed)
+            self._matrix64 = cached = cached.to(self.matrix.device)
+        return cached
 
 
 def _enter(rotation: StreamRotation, base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -252,5 +266,5 @@ def folded_stream(model: nn.Module, embedding: torch.Tensor | None = None,
     gain = base.norm.weight.detach()
     if not hasattr(base, "atq_rotation"):
         return embedding, head, gain
-    q, original = base.atq_rotation.matrix.double(), base.atq_rotation.gain.double()
+    q, original = base.atq_rotation.rotation64(), base.atq_rotation.gain.double()
     return ((embedding.double() @ q).to(embedding.dtype), ((head.double() * original) @ q).to(head.dtype), gain)
