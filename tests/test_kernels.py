@@ -112,3 +112,26 @@ def test_dispatch_uses_triton_on_cuda_unless_told_otherwise(monkeypatch):
     assert use_triton(x.to(DEVICE), PackedTernary.empty(4, 64, 64, 4, device=DEVICE)) == (DEVICE == "cuda")
     monkeypatch.setenv("ATQ_KERNEL", "reference")
     assert not use_triton(x.to(DEVICE), PackedTernary.empty(4, 64, 64, 4, device=DEVICE))
+
+
+def test_the_compiled_custom_op_computes_the_triton_product():
+    """Under torch.compile the Triton product is the opaque operator atq::ternary_matmul (so the compiler fuses
+    what surrounds it). Eager and compiled calls of it equal the float64 reference, and its fake version gives
+    the compiler the true output shape (a wrong one fails compilation or the comparison)."""
+    tensor, packed, scales = packed_weight(40, 192, "group", 64)
+    x = torch.randn(2, 3, 192, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    bias = torch.randn(40).to(DEVICE)
+    weight = tensor.codes.double() * tensor.expanded_scales(torch.float16).double()
+    expected = 2 * x.double().cpu() @ weight.T + bias.double().cpu()
+
+    def product(x):
+        return torch.relu(torch.ops.atq.ternary_matmul(x * 2, packed, scales, 64, 192, bias)) - 1
+
+    reference = torch.relu(expected) - 1
+    for function in (product, torch.compile(product, fullgraph=True)):
+        got = function(x)
+        assert got.shape == (2, 3, 40)
+        error = (got.double().cpu() - reference).norm() / reference.norm()
+        assert error <= TOLERANCE[torch.float32], float(error)
+    torch.library.opcheck(torch.ops.atq.ternary_matmul.default, (x, packed, scales, 64, 192, bias),
+                          test_utils=("test_schema", "test_faketensor"))
