@@ -1,33 +1,45 @@
-"""End-to-end decode speed: packed ternary SmolLM2 vs bf16, batch 1 and 16 -> results/decode_h100.json.
+"""End-to-end decode speed: packed ternary vs bf16 in transformers, batch 1 and 16 -> results/decode_<gpu>.json.
 
-    python benchmarks/decode.py [--new-tokens 128] [--out results/decode_h100.json]
+    python benchmarks/decode.py [--model smollm2 | --shape llama3-8b] [--new-tokens 128] [--compile]
+                                [--gguf PATH] [--out results/decode_h200.json] [--merge]
 
 Greedy decoding with a static KV cache after a 32-token prompt; one step is one forward of one token per sequence.
 tokens/s counts new tokens of all sequences; peak GPU memory is for the model alone (its weights + what the run
-allocates: cache, graph pool, activations). Each model is timed twice: stepping eagerly from Python, and replaying
-one CUDA graph per step (the graph holds every kernel of a forward, so Python and launch costs vanish; this is how a
-serving loop runs small models). Variants: the FP model in bf16; the ternary model (groups of 64, weight-only: speed does not
-depend on quality) with the torch reference kernel (unpack then matmul, every step); the same with the Triton
-kernels (``ATQ_KERNEL=triton``). Non-ternary parts (embeddings, norms, attention, head) run in bf16 in all.
+allocates: cache, graph pool, activations). Each model is timed stepping eagerly from Python and replaying one CUDA
+graph per step (the graph holds every kernel of a forward, so Python and launch costs vanish: how a serving loop
+runs small models); ``--compile`` adds the step compiled by ``torch.compile`` (inductor fuses the norms, rotary
+embeddings and activations around the matmuls; the Triton product is one opaque operator) inside the graph.
+
+Models: the FP model in bf16; the ternary model (groups of 64, weight-only, data-free: speed does not depend on
+quality) with the Triton kernels, and on small models also with the torch reference kernel (unpack then matmul).
+``--shape`` builds a Llama of that shape with random weights (benchmarks/random_llama.py) instead of SmolLM2.
+``--gguf PATH`` also exports the ternary model to a GGUF (every layer Q2_0, embedding and head Q8_0), so that
+llama.cpp runs the very same weights (benchmarks/llama_cpp_decode.py adds its rows to the same JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from random_llama import SHAPES, random_llama
 from transformers import StaticCache
 
-from atq import QuantConfig, load_model, quantize
+from atq import QuantConfig, load_model, quantize, smollm2
+from atq.export.gguf import export_gguf
 from atq.files import write_json
 from atq.stats import markdown_table
 
 PROMPT = 32
 WARMUP = 3
+BATCHES = (1, 16)
 
 
 def model_bytes(model) -> int:
@@ -35,9 +47,10 @@ def model_bytes(model) -> int:
 
 
 @torch.no_grad()
-def decode(model, batch: int, new_tokens: int, graphed: bool) -> dict:
-    """Tokens/s of the timed steps; peak GiB = the model's own weights + the most this run allocated on top
-    (KV cache, graph pool, activations): both models stay resident, so the device-wide peak would count both."""
+def decode(model, batch: int, new_tokens: int, mode: str) -> dict:
+    """Tokens/s of ``new_tokens`` timed steps (``mode``: eager, graph, or compiled + graph); peak GiB = the
+    model's own weights + the most this run allocated on top (KV cache, graph pool, activations): both models
+    stay resident, so the device-wide peak would count both."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT), generator=generator).to(device)
@@ -50,18 +63,19 @@ def decode(model, batch: int, new_tokens: int, graphed: bool) -> dict:
     logits = model(prompt, past_key_values=cache, cache_position=torch.arange(PROMPT, device=device)).logits
     token = logits[:, -1:].argmax(-1)
     position = torch.tensor([PROMPT], device=device)
+    forward = torch.compile(model, dynamic=False) if mode == "compiled" else model
 
     def step() -> None:
-        out = model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        out = forward(token, past_key_values=cache, cache_position=position, use_cache=True).logits
         token.copy_(out[:, -1:].argmax(-1))
         position.add_(1)
 
     run = step
-    if graphed:
+    if mode != "eager":
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(WARMUP):
+            for _ in range(WARMUP):  # the compiled step compiles here, outside the capture
                 step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -81,37 +95,87 @@ def decode(model, batch: int, new_tokens: int, graphed: bool) -> dict:
             "peak_gib": (weights + torch.cuda.max_memory_allocated() - before) / 2**30, "weights_gib": weights / 2**30}
 
 
+def byte_tokenizer_dir(directory: Path) -> Path:
+    """A byte-level BPE ``tokenizer.json`` (256 byte tokens and one merge: llama.cpp refuses a BPE vocabulary without
+    merges) for a random-weight model's GGUF: llama.cpp needs a vocabulary to load a file, and the export pads it
+    to the model's vocab_size."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    vocab = {chr(b if b in printable else next(extra)): b for b in range(256)} | {"!!": 256}
+    spec = {"model": {"type": "BPE", "vocab": vocab, "merges": ["! !"]}}
+    (directory / "tokenizer.json").write_text(json.dumps(spec))
+    return directory
+
+
+def build_models(args: argparse.Namespace):
+    """(name, bf16 FP model, ternary copy, GGUF metadata source or tokenizer directory)."""
+    if args.shape:
+        fp = random_llama(args.shape, "cuda").to(torch.bfloat16).eval()
+        name, metadata = f"{args.shape} (random weights)", {"tokenizer_dir": byte_tokenizer_dir(Path(args.tmp))}
+    else:
+        fp, _ = load_model("smollm2", dtype=torch.bfloat16, device="cuda")
+        name, metadata = "SmolLM2-135M-Instruct", {"metadata_from": smollm2()}
+    ternary = copy.deepcopy(fp)
+    quantize(ternary, QuantConfig(group_size=64), quiet=True)
+    return name, fp, ternary, metadata
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="a random Llama of this shape")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--out", default="results/decode_h100.json")
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
+    parser.add_argument("--gguf", default=None, help="export the ternary model here (Q2_0) for llama.cpp")
+    parser.add_argument("--out", default="results/decode_h200.json")
+    parser.add_argument("--merge", action="store_true", help="keep the other models' entries of --out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("decode: needs a CUDA GPU; nothing measured", file=sys.stderr)
         return 0
-    fp, _ = load_model("smollm2", dtype=torch.bfloat16, device="cuda")
-    ternary = copy.deepcopy(fp)
-    quantize(ternary, QuantConfig(group_size=64), quiet=True)
+    results = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).exists() else {}
+    with tempfile.TemporaryDirectory() as args.tmp:
+        name, fp, ternary, metadata = build_models(args)
+        rows = measure(args, fp, ternary)
+        results[name] = entry = {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens, "rows": rows}
+        write_json(args.out, results)  # the timings stand even if the export is cut short
+        print(table(name, rows), flush=True)
+        if args.gguf:
+            start = time.perf_counter()
+            report = export_gguf(ternary, args.gguf, embedding="q8_0", **metadata)
+            entry["gguf"] = {"path": args.gguf, "bytes": report["bytes"], "verified_exact": report["verified_exact"],
+                             "bits_per_ternary_weight": report["bits_per_ternary_weight"],
+                             "fallback": len(report["fallback"]), "export_seconds": time.perf_counter() - start}
+            write_json(args.out, results)
+    return 0
+
+
+def measure(args: argparse.Namespace, fp, ternary) -> list[dict]:
+    small = args.shape is None or args.shape == "tiny"
+    variants = [("bf16", fp, "reference"), ("ternary, Triton", ternary, "triton")]
+    variants += [("ternary, torch reference", ternary, "reference")] if small else []
+    modes = ("eager", "graph") + (("compiled",) if args.compile else ())
     rows = []
-    for label, model, kernel in [("bf16", fp, "reference"), ("ternary, torch reference", ternary, "reference"),
-                                 ("ternary, Triton", ternary, "triton")]:
+    for label, model, kernel in variants:
         os.environ["ATQ_KERNEL"] = kernel
-        for graphed in (False, True):
-            for batch in (1, 16):
-                row = {"model": label, "batch": batch, "cuda_graph": graphed}
+        for mode in modes if kernel == "triton" or label == "bf16" else ("eager", "graph"):
+            for batch in BATCHES:
+                row = {"model": label, "batch": batch, "mode": mode}
                 try:
-                    row |= decode(model, batch, args.new_tokens, graphed)
-                except (RuntimeError, ValueError, TypeError) as error:  # a variant that cannot run is reported, not fatal to the others
+                    row |= decode(model, batch, args.new_tokens, mode)
+                except (RuntimeError, ValueError, TypeError, AssertionError) as error:  # reported, not fatal
                     row["error"] = f"{type(error).__name__}: {error}"[:300]
                 rows.append(row)
                 print(rows[-1], file=sys.stderr, flush=True)
-    write_json(args.out, {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens, "rows": rows})
-    print(markdown_table(["model", "CUDA graph", "batch", "tokens/s", "ms/step", "peak GiB"],
-                         [[r["model"], "yes" if r["cuda_graph"] else "no", str(r["batch"]),
-                           f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:.2f}", f"{r['peak_gib']:.2f}"]
-                          if "error" not in r else [r["model"], str(r["cuda_graph"]), str(r["batch"]), r["error"], "", ""]
-                          for r in rows], numeric_from=2))
-    return 0
+    os.environ.pop("ATQ_KERNEL")
+    return rows
+
+
+def table(name: str, rows: list[dict]) -> str:
+    cells = [[r["model"], r["mode"], str(r["batch"]), f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:.2f}",
+              f"{r['peak_gib']:.2f}"] if "error" not in r else [r["model"], r["mode"], str(r["batch"]), r["error"], "", ""]
+             for r in rows]
+    return f"{name}\n\n" + markdown_table(["model", "step", "batch", "tokens/s", "ms/step", "peak GiB"], cells,
+                                          numeric_from=2)
 
 
 if __name__ == "__main__":

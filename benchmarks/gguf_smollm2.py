@@ -2,6 +2,7 @@
 
     pip install llama-cpp-python   # a benchmark extra: it compiles llama.cpp (~13 min on 2 cores)
     python benchmarks/gguf_smollm2.py [--init ARTIFACT] [--out results/gguf_smollm2.json]
+    python benchmarks/gguf_smollm2.py --init ARTIFACT --n-gpu-layers 99 --device cuda --out F   # llama.cpp on a GPU
 
 The model: ``--init``, an ATQ artifact (the best one-plane recipe's, made on a GPU by artifact_sizes.py), or
 else quantized here on the CPU by a short one-plane recipe of the same shape (groups of 64, Hadamard rotation,
@@ -21,6 +22,8 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+import torch
 
 from atq import QuantConfig, load_model, load_quantized, smollm2
 from atq.data import load_text, token_windows
@@ -48,6 +51,8 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp layers on the GPU (0: its CPU backend)")
+    parser.add_argument("--device", default="cpu", help="where ATQ evaluates the model")
     args = parser.parse_args()
     try:
         from llama_cpp import Llama
@@ -58,13 +63,15 @@ def main() -> int:
     fp_model, tokenizer = load_model("smollm2")
     windows = token_windows(tokenizer, load_text("wikitext2"), args.seq_len, args.windows)
     if args.init:
-        model = load_quantized(args.init)
+        model = load_quantized(args.init, device=args.device, dtype=torch.float32)  # computes in fp32, as llama.cpp
         ppl_atq, quant_seconds = evaluate_windows(model, windows)["ppl"], None
+        model.to("cpu")
     else:
         measured = measure_recipe(fp_model, CPU_CONFIG, windows, tokenizer=tokenizer, device="cpu", keep_model=True)
         model, ppl_atq, quant_seconds = measured["model"], measured["ppl"], measured["quant_seconds"]
     del fp_model
     result = {"model": "SmolLM2-135M-Instruct", "init": args.init, "config": model.atq_config.to_dict(),
+              "llama_cpp_backend": "CUDA" if args.n_gpu_layers else "CPU", "atq_device": args.device,
               "windows": len(windows), "seq_len": args.seq_len, "quant_seconds_cpu": quant_seconds,
               "ppl_atq": ppl_atq, "files": {}}
     prompt = "The capital of France is"
@@ -72,12 +79,13 @@ def main() -> int:
         for label, ternary_type, embedding in [("ternary", "auto", "q8_0"), ("f16 reference", "f16", "f16")]:
             path = Path(tmp) / f"{ternary_type}.gguf"
             report = export_gguf(model, path, metadata_from=smollm2(), ternary_type=ternary_type, embedding=embedding)
-            llm = Llama(str(path), n_ctx=args.seq_len, logits_all=True, n_threads=args.threads, verbose=False)
+            llm = Llama(str(path), n_ctx=args.seq_len, logits_all=True, n_threads=args.threads,
+                        n_gpu_layers=args.n_gpu_layers, verbose=False)
             speed, text = generation_speed(llm, prompt)
             entry = {"bytes": report["bytes"], "bits_per_ternary_weight": report["bits_per_ternary_weight"],
                      "tensor_types": dict(sorted(Counter(report["tensors"].values()).items())),
                      "fallback": len(report["fallback"]), "verified_exact": report["verified_exact"],
-                     "tensors": len(report["tensors"]), "tokens_per_s_cpu": speed,
+                     "tensors": len(report["tensors"]), "tokens_per_s": speed,
                      "sample": prompt + text}
             entry["ppl_llama_cpp"] = llama_cpp_perplexity(llm, windows)
             entry["ppl_rel_diff"] = abs(entry["ppl_llama_cpp"] - ppl_atq) / ppl_atq

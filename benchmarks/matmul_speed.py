@@ -1,6 +1,6 @@
 """Ternary matmul kernel vs cuBLAS bf16 on the GPU -> results/kernels_h100.json.
 
-    python benchmarks/kernels.py [--out results/kernels_h100.json] [--iters 50] [--shapes 4096x4096,...]
+    python benchmarks/matmul_speed.py [--out results/kernels_h100.json] [--iters 50] [--shapes 4096x4096,...]
 
 Shapes (out x in): 4096x4096, 14336x4096, 4096x14336 and SmolLM2's 576x576, 1536x576, 576x1536; batch 1, 8, 64,
 512; groups of 64 with fp16 scales; bf16 activations.

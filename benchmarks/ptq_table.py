@@ -1,13 +1,14 @@
 """Post-training ternarisation table for SmolLM2-135M-Instruct on the full WikiText-2 test split.
 
     python benchmarks/ptq_table.py [--model smollm2] [--out results/ptq_smollm2.json] [--max-windows N]
-                                   [--only TEXT ...] [--set FIELD=VALUE ...] [--merge]
+                                   [--only TEXT ...] [--set FIELD=VALUE ...] [--merge] [--save DIR]
 
 Rows: FP32, the seed preset, per-row and per-group(64) scales at 50% sparsity, MSE-optimal thresholds, then the
 calibrated recipes (GPTQ compensation, block reconstruction, trit-planes, mixed precision, Hadamard rotation,
 end-to-end tuning). ``--set`` runs variants of the selected methods with config fields overridden.
 Each row: perplexity (GPTQ protocol, 2048-token windows), bits per ternary weight including fp16 scales, the
-size of the saved artifact, and the time ``quantize`` took. Uses the GPU when one is present.
+size of the saved artifact, and the time ``quantize`` took. Uses the GPU when one is present. ``--save`` keeps the
+artifact of the one method run (for exports and llama.cpp checks of the very model the row measured).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from atq import QuantConfig, load_model
+from atq import QuantConfig, load_model, save_quantized
 from atq.data import load_text, token_windows
+from atq.embedding import quantize_embeddings
 from atq.files import write_json
 from atq.measure import fp_reference, measure_recipe
 from atq.stats import markdown_table
@@ -95,9 +97,14 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of methods not run now from an existing --out file (the whole table "
                              "takes longer than one 10-minute device call)")
+    parser.add_argument("--save", default=None, metavar="DIR", help="save the artifact of the one method run")
+    parser.add_argument("--save-embedding", default="fp", choices=("fp", "q8_0", "q4_0"),
+                        help="store the saved artifact's embedding (and tied head) so (the row measured it as is)")
     args = parser.parse_args()
 
     selected = selected_methods(args)  # before loading anything: a bad --set fails at once
+    if args.save and len(selected) != 1:
+        raise SystemExit(f"--save keeps one artifact: select exactly one method (--only ... --exact), got {len(selected)}")
     fp_model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
     windows = token_windows(tokenizer, load_text(args.data), args.seq_len, args.max_windows)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -112,7 +119,13 @@ def main() -> int:
     print(f"FP32: ppl {fp['ppl']:.3f}", file=sys.stderr)
 
     for method, config in selected:
-        measured = measure_recipe(fp_model, config, windows, tokenizer=tokenizer, device=args.device)
+        measured = measure_recipe(fp_model, config, windows, tokenizer=tokenizer, device=args.device,
+                                  keep_model=bool(args.save))
+        if args.save:
+            model = measured.pop("model")
+            quantize_embeddings(model, args.save_embedding)
+            model.atq_config = model.atq_config.replace(embedding=args.save_embedding)
+            save_quantized(model, args.save, tokenizer=tokenizer)
         rows.append({"method": method, **{key: measured[key] for key in ROW_KEYS}})
         print(f"{method}: ppl {measured['ppl']:.4g} ({measured['quant_seconds']:.1f} s)", file=sys.stderr)
         write_json(args.out, report | {"rows": merged(rows, previous)})  # a run cut short keeps what it measured

@@ -149,7 +149,7 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module) -> int:
         else:
             values = gguf.quants.dequantize(np.asarray(tensor.data).reshape(tensor.shape[0], -1),
                                             gguf.GGMLQuantizationType(tensor.ggml_type))
-        expected = _llama_cpp_rows(model, name, module.qweight.dequantize(torch.float32)).numpy()
+        expected = _llama_cpp_rows(model, name, module.qweight.dequantize(torch.float32)).cpu().numpy()
         if values.shape != expected.shape or not np.array_equal(values, expected):
             raise ExportError(f"{path}: tensor {gguf_name(name)}.weight does not dequantize to layer {name}'s "
                               "weight (a corrupted or foreign block); export the artifact again")
@@ -223,7 +223,7 @@ def _ternary_tensors(model: nn.Module, choice: str, fallback: Any,
         if kind == q2_0.GGML_TYPE:  # blocks built from the codes; rows reordered as llama.cpp wants q/k
             stored = _llama_cpp_rows(model, name, torch.from_numpy(q2_0.encode(module.qweight))).numpy()
         else:
-            data = _llama_cpp_rows(model, name, module.qweight.dequantize(torch.float32)).numpy()
+            data = _llama_cpp_rows(model, name, module.qweight.dequantize(torch.float32)).cpu().numpy()
             if kind == gguf.GGMLQuantizationType.Q8_0 and module.in_features % 32:  # Q8_0 blocks are 32 wide
                 kind = gguf.GGMLQuantizationType.F16
             stored = data.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(data, kind)
@@ -262,7 +262,7 @@ def _fp_tensors(model: nn.Module, report: dict[str, Any], choice: str | None) ->
         if not name.endswith(".weight"):
             raise ExportError(f"GGUF export: unexpected parameter {name!r}")
         value = folded[base] if base in folded else param.detach()
-        data = _llama_cpp_rows(model, base, value.float()).numpy()  # q/k of a layer kept FP move too
+        data = _llama_cpp_rows(model, base, value.float()).cpu().numpy()  # q/k of a layer kept FP move too
         kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else gguf.GGMLQuantizationType.F16
         if base in ("model.embed_tokens", "lm_head") and choice == "q8_0" and data.shape[-1] % 32 == 0:
             kind = gguf.GGMLQuantizationType.Q8_0

@@ -1,0 +1,127 @@
+"""llama.cpp's own 2-bit quantizer on the same FP weights, beside ATQ's exports -> results/peers_smollm2.json.
+
+    python benchmarks/peers.py --llama-cpp BIN_DIR [--atq LABEL=FILE.gguf ...] [--windows 16]
+                               [--types Q2_K IQ2_XS IQ2_XXS Q2_0] [--out results/peers_smollm2.json]
+
+The FP weights are the bundled SmolLM2 GGUF (Q4_1, what ATQ's FP model is), written as F16 by ``llama-quantize``.
+``llama-imatrix`` computes an importance matrix over the calibration text ATQ calibrates on (WikiText-2
+*validation*, 128 x 2048 tokens); ``llama-quantize --imatrix`` writes each type (where a tensor's rows do not fit
+a type's 256-wide blocks, llama.cpp falls back tensor by tensor: the file's types are counted). Every file —
+those, the F16 reference and ATQ's exports (``--atq``) — is scored twice on the same WikiText-2 test windows:
+by ATQ's evaluation loop (the file's weights dequantized into the HF model, export/gguf_weights.py), and by
+llama.cpp itself through llama-cpp-python (its logits for the same token ids), with its size and bits per weight
+as written. Needs a llama.cpp build (../shared/tools/llama_cpp_src.sh) and a GPU for speed (runs on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import llama_cpp_tools
+import torch
+
+from atq import load_model, load_quantized, smollm2
+from atq.data import load_text, token_windows
+from atq.evaluate import evaluate_windows, llama_cpp_perplexity
+from atq.export.gguf import export_gguf
+from atq.export.gguf_read import read_gguf
+from atq.export.gguf_weights import load_gguf_weights
+from atq.files import write_json
+from atq.stats import markdown_table
+
+CALIBRATION_CHUNKS = 128  # ATQ's calibration: 128 windows of 2048 tokens of the validation text
+LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def file_stats(path: Path) -> dict:
+    """Bytes, tensor types and bits per weight as written: over all tensors, and over the decoder linears."""
+    _, tensors = read_gguf(path)
+    types = Counter(llama_cpp_type(t.ggml_type) for t in tensors.values())
+    linear = [t for name, t in tensors.items() if name.split(".")[-2] in LINEARS]
+    weights = lambda ts: sum(int(torch.tensor(t.shape).prod()) for t in ts)
+    return {"bytes": path.stat().st_size, "tensor_types": dict(sorted(types.items())),
+            "bits_per_weight": 8 * sum(t.data.size for t in tensors.values()) / weights(tensors.values()),
+            "bits_per_linear_weight": 8 * sum(t.data.size for t in linear) / weights(linear),
+            "linear_types": dict(sorted(Counter(llama_cpp_type(t.ggml_type) for t in linear).items()))}
+
+
+def llama_cpp_type(kind: int) -> str:
+    import gguf
+
+    return "Q2_0" if kind == 42 else gguf.GGMLQuantizationType(kind).name
+
+
+def score(path: Path, fp_model, windows: torch.Tensor, device: str) -> dict:
+    """ATQ's loop (weights dequantized into a copy of the FP model) and llama.cpp's, on the same windows."""
+    model = copy.deepcopy(fp_model)
+    load_gguf_weights(model, path)
+    result = {"ppl_atq": evaluate_windows(model.to(device), windows, quiet=True)["ppl"]}
+    del model
+    try:
+        from llama_cpp import Llama
+
+        llm = Llama(str(path), n_ctx=windows.shape[1], logits_all=True, n_gpu_layers=-1, verbose=False)
+        result["ppl_llama_cpp"] = llama_cpp_perplexity(llm, windows)
+        del llm
+    except (ImportError, OSError, ValueError, RuntimeError) as error:  # reported: the ATQ loop's number stands
+        result["llama_cpp_error"] = f"{type(error).__name__}: {error}"[:300]
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-cpp", required=True, metavar="BIN_DIR", help="llama.cpp's build/bin")
+    parser.add_argument("--atq", nargs="*", default=[], metavar="LABEL=PATH",
+                        help="ATQ exports (.gguf) or artifacts (exported here: Q2_0 where exact, Q8_0 embedding)")
+    parser.add_argument("--types", nargs="+", default=["Q2_K", "IQ2_XS", "IQ2_XXS", "Q2_0"])
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--chunks", type=int, default=CALIBRATION_CHUNKS, help="imatrix chunks of 2048 tokens")
+    parser.add_argument("--out", default="results/peers_smollm2.json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    atq_files = dict(text.split("=", 1) for text in args.atq)
+    fp_model, tokenizer = load_model("smollm2", dtype=torch.float32, device="cpu")
+    windows = token_windows(tokenizer, load_text("wikitext2"), 2048, args.windows)
+    calibration = Path(os.environ.get("ATQ_DATA_DIR", "../shared/data")) / "wikitext2_valid_tokenized.txt"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        f16 = work / "f16.gguf"
+        llama_cpp_tools.quantize(args.llama_cpp, smollm2(), f16, "F16")
+        start = time.perf_counter()
+        llama_cpp_tools.importance_matrix(args.llama_cpp, f16, calibration, work / "imatrix.gguf", args.chunks)
+        imatrix_seconds = time.perf_counter() - start
+        files = {"F16 (the FP weights)": f16}
+        for kind in args.types:
+            files[f"llama.cpp {kind}, imatrix"] = work / f"{kind}.gguf"
+            llama_cpp_tools.quantize(args.llama_cpp, f16, files[f"llama.cpp {kind}, imatrix"], kind,
+                                     imatrix=work / "imatrix.gguf")
+        for label, path in atq_files.items():
+            files[label] = Path(path)
+            if files[label].is_dir():  # an artifact: exported as `atq export --format gguf` would
+                files[label] = work / f"atq{len(files)}.gguf"
+                export_gguf(load_quantized(path), files[label], metadata_from=smollm2(), embedding="q8_0")
+        for label, path in files.items():
+            rows.append({"file": label, **file_stats(path), **score(path, fp_model, windows, args.device)})
+            print(rows[-1], file=sys.stderr, flush=True)
+    write_json(args.out, {"model": "SmolLM2-135M-Instruct", "windows": len(windows), "seq_len": 2048,
+                          "calibration": f"{calibration.name}, {args.chunks} x 2048 tokens",
+                          "imatrix_seconds": imatrix_seconds, "rows": rows})
+    print(markdown_table(["file", "linear types", "bits/weight (all)", "bits/linear weight", "MB", "ppl ATQ loop",
+                          "ppl llama.cpp"],
+                         [[r["file"], ", ".join(f"{n} {k}" for k, n in r["linear_types"].items()),
+                           f"{r['bits_per_weight']:.2f}", f"{r['bits_per_linear_weight']:.2f}", f"{r['bytes'] / 1e6:.1f}",
+                           f"{r['ppl_atq']:.2f}", f"{r.get('ppl_llama_cpp', float('nan')):.2f}"] for r in rows],
+                         numeric_from=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
