@@ -135,21 +135,22 @@ def main() -> int:
     results = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).exists() else {}
     with tempfile.TemporaryDirectory() as args.tmp:
         name, fp, ternary, metadata = build_models(args)
-        rows = measure(args, fp, ternary)
-        results[name] = entry = {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens, "rows": rows}
-        write_json(args.out, results)  # the timings stand even if the export is cut short
-        print(table(name, rows), flush=True)
-        if args.gguf:
+        results[name] = entry = {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens, "rows": []}
+        if args.gguf:  # first: llama.cpp's rows need the file even if the timings below are cut short
             start = time.perf_counter()
             report = export_gguf(ternary, args.gguf, embedding="q8_0", **metadata)
             entry["gguf"] = {"path": args.gguf, "bytes": report["bytes"], "verified_exact": report["verified_exact"],
                              "bits_per_ternary_weight": report["bits_per_ternary_weight"],
                              "fallback": len(report["fallback"]), "export_seconds": time.perf_counter() - start}
-            write_json(args.out, results)
+            print(entry["gguf"], file=sys.stderr, flush=True)
+        rows = measure(args, fp, ternary, lambda row: (entry["rows"].append(row), write_json(args.out, results)))
+        print(table(name, rows), flush=True)
     return 0
 
 
-def measure(args: argparse.Namespace, fp, ternary) -> list[dict]:
+def measure(args: argparse.Namespace, fp, ternary, record) -> list[dict]:
+    """Every (model, step mode, batch) row; ``record`` gets each row as it is measured (written at once, so a run cut
+    short keeps what it timed)."""
     small = args.shape is None or args.shape == "tiny"
     variants = [("bf16", fp, "reference"), ("ternary, Triton", ternary, "triton")]
     variants += [("ternary, torch reference", ternary, "reference")] if small else []
@@ -162,9 +163,10 @@ def measure(args: argparse.Namespace, fp, ternary) -> list[dict]:
                 row = {"model": label, "batch": batch, "mode": mode}
                 try:
                     row |= decode(model, batch, args.new_tokens, mode)
-                except (RuntimeError, ValueError, TypeError, AssertionError) as error:  # reported, not fatal
+                except Exception as error:  # noqa: BLE001 - a variant that cannot run (a compiler error) is reported
                     row["error"] = f"{type(error).__name__}: {error}"[:300]
                 rows.append(row)
+                record(row)
                 print(rows[-1], file=sys.stderr, flush=True)
     os.environ.pop("ATQ_KERNEL")
     return rows

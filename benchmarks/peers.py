@@ -1,7 +1,7 @@
 """llama.cpp's own 2-bit quantizer on the same FP weights, beside ATQ's exports -> results/peers_smollm2.json.
 
-    python benchmarks/peers.py --llama-cpp BIN_DIR [--atq LABEL=FILE.gguf ...] [--windows 16]
-                               [--types Q2_K IQ2_XS IQ2_XXS Q2_0] [--out results/peers_smollm2.json]
+    python benchmarks/peers.py --llama-cpp BIN_DIR [--atq LABEL=FILE.gguf|ARTIFACT ...] [--windows 16]
+                               [--types Q2_K IQ2_XS IQ2_XXS Q2_0] [--out results/peers_smollm2.json] [--merge]
 
 The FP weights are the bundled SmolLM2 GGUF (Q4_1, what ATQ's FP model is), written as F16 by ``llama-quantize``.
 ``llama-imatrix`` computes an importance matrix over the calibration text ATQ calibrates on (WikiText-2
@@ -11,12 +11,15 @@ those, the F16 reference and ATQ's exports (``--atq``) — is scored twice on th
 by ATQ's evaluation loop (the file's weights dequantized into the HF model, export/gguf_weights.py), and by
 llama.cpp itself through llama-cpp-python (its logits for the same token ids), with its size and bits per weight
 as written. Needs a llama.cpp build (../shared/tools/llama_cpp_src.sh) and a GPU for speed (runs on a CPU).
+``--types`` with no type skips llama.cpp's quantizer; ``--merge`` keeps the rows of --out for files not scored now
+(one device call can then add ATQ's artifacts to the llama.cpp rows of an earlier one, on the same windows).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import tempfile
@@ -80,12 +83,14 @@ def main() -> int:
     parser.add_argument("--llama-cpp", required=True, metavar="BIN_DIR", help="llama.cpp's build/bin")
     parser.add_argument("--atq", nargs="*", default=[], metavar="LABEL=PATH",
                         help="ATQ exports (.gguf) or artifacts (exported here: Q2_0 where exact, Q8_0 embedding)")
-    parser.add_argument("--types", nargs="+", default=["Q2_K", "IQ2_XS", "IQ2_XXS", "Q2_0"])
+    parser.add_argument("--types", nargs="*", default=["Q2_K", "IQ2_XS", "IQ2_XXS", "Q2_0"])
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--chunks", type=int, default=CALIBRATION_CHUNKS, help="imatrix chunks of 2048 tokens")
     parser.add_argument("--out", default="results/peers_smollm2.json")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--merge", action="store_true", help="keep --out's rows of files not scored now")
     args = parser.parse_args()
+    previous = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).exists() else {}
     atq_files = dict(text.split("=", 1) for text in args.atq)
     fp_model, tokenizer = load_model("smollm2", dtype=torch.float32, device="cpu")
     windows = token_windows(tokenizer, load_text("wikitext2"), 2048, args.windows)
@@ -96,8 +101,9 @@ def main() -> int:
         f16 = work / "f16.gguf"
         llama_cpp_tools.quantize(args.llama_cpp, smollm2(), f16, "F16")
         start = time.perf_counter()
-        llama_cpp_tools.importance_matrix(args.llama_cpp, f16, calibration, work / "imatrix.gguf", args.chunks)
-        imatrix_seconds = time.perf_counter() - start
+        if args.types:
+            llama_cpp_tools.importance_matrix(args.llama_cpp, f16, calibration, work / "imatrix.gguf", args.chunks)
+        imatrix_seconds = time.perf_counter() - start if args.types else previous.get("imatrix_seconds")
         files = {"F16 (the FP weights)": f16}
         for kind in args.types:
             files[f"llama.cpp {kind}, imatrix"] = work / f"{kind}.gguf"
@@ -111,9 +117,14 @@ def main() -> int:
         for label, path in files.items():
             rows.append({"file": label, **file_stats(path), **score(path, fp_model, windows, args.device)})
             print(rows[-1], file=sys.stderr, flush=True)
+    if previous and previous.get("windows") != len(windows):
+        raise SystemExit(f"--merge: {args.out} was scored on {previous.get('windows')} windows, not {len(windows)}")
+    scored = {row["file"] for row in rows}
+    rows = [row for row in previous.get("rows", []) if row["file"] not in scored] + rows
+    calibration_note = f"{calibration.name}, {args.chunks} x 2048 tokens" if args.types else previous.get("calibration")
     write_json(args.out, {"model": "SmolLM2-135M-Instruct", "windows": len(windows), "seq_len": 2048,
-                          "calibration": f"{calibration.name}, {args.chunks} x 2048 tokens",
-                          "imatrix_seconds": imatrix_seconds, "rows": rows})
+                          "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                          "calibration": calibration_note, "imatrix_seconds": imatrix_seconds, "rows": rows})
     print(markdown_table(["file", "linear types", "bits/weight (all)", "bits/linear weight", "MB", "ppl ATQ loop",
                           "ppl llama.cpp"],
                          [[r["file"], ", ".join(f"{n} {k}" for k, n in r["linear_types"].items()),
