@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from atq import ArtifactError, QuantConfig, load_model, load_quantized, quantize, save_quantized
-from atq.data import DataError, generated_windows, load_text, token_windows
+from atq.data import DataError, generated_windows, load_text, mixed_windows, text_prompts, token_windows
 from atq.evaluate import evaluate_windows, perplexity
 from atq.export.gguf import ExportError, export_gguf
 from atq.export.hf import export_hf
@@ -254,7 +254,7 @@ def _keyword_row(keyword: str) -> Row:
 
 BAD_TRAIN = {"steps": 0, "batch_size": 0, "grad_accum": 0, "lr": 0.0, "warmup_steps": -1, "weight_decay": -0.1,
              "grad_clip": -1.0, "temperature": 0.0, "seed": -1, "checkpoint_every": -1, "hidden_weight": -1.0,
-             "compile": "fast"}
+             "compile": "fast", "loss": "mse", "confidence": 1.5}
 
 
 def _train_row(field: str, value: Any) -> Row:
@@ -332,6 +332,26 @@ DATA = [
         DataError, r"windows must be .*got shape \(0, 16\)"),
     Row("generated_windows(n_windows=0)", lambda c: generated_windows(make_llama(), CharTokenizer(), 0, 16),
         DataError, r"n_windows >= 1 and seq_len >= 2, got 0"),
+] + [Row(f"generated_windows({name}={value!r})", lambda c, name=name, value=value: generated_windows(
+        make_llama(), CharTokenizer(), 2, 8, **{name: value}), DataError, rf"generated_windows: {name} must be {allowed}")
+     for name, value, allowed in [("greedy_tokens", -1, "an integer >= 0"), ("temperature", 0.0, "a finite number > 0"),
+                                  ("top_p", 0.0, r"in \(0, 1\]"), ("top_p", 1.5, r"in \(0, 1\]"),
+                                  ("first_token", "bos", r"one of \('model', 'uniform'\)")]] + [
+    Row("generated_windows(top_k=5): not a sampling keyword", lambda c: generated_windows(
+        make_llama(), CharTokenizer(), 2, 8, top_k=5), TypeError, r"unknown sampling keyword\(s\) \['top_k'\]"),
+    Row("generated_windows(prompts as long as the windows)", lambda c: generated_windows(
+        make_llama(), CharTokenizer(), 2, 8, prompts=torch.ones(2, 8, dtype=torch.long)), DataError,
+        r"prompts must be .*1 <= length < seq_len 8 \(something left to generate\), got shape \(2, 8\)"),
+    Row("text_prompts(longer than every paragraph)", lambda c: text_prompts(CharTokenizer(), "short\nlines\n", 2, 16),
+        DataError, r"no paragraph \(non-blank line\) of the text has the 16 tokens.*give shorter prompts"),
+    Row("text_prompts(n_prompts=0)", lambda c: text_prompts(CharTokenizer(), "some text", 0, 4), DataError,
+        r"n_prompts >= 1 and prompt_len >= 1, got 0"),
+    Row("mixed_windows(generated_fraction=1.5)", lambda c: mixed_windows(windows(), windows(), 1.5, 8), DataError,
+        r"mixed_windows: generated_fraction must be in \[0, 1\], got 1\.5"),
+    Row("mixed_windows(windows of two lengths)", lambda c: mixed_windows(windows(8, 16), windows(8, 12), 0.5, 8),
+        DataError, r"windows of one length, got 8, calibration \(8, 16\) and generated \(8, 12\)"),
+    Row("mixed_windows(fewer generated windows than the share)", lambda c: mixed_windows(windows(), windows(2), 0.5, 8),
+        DataError, r"4 generated and 4 calibration windows asked for, 2 generated and 8 calibration windows given"),
 ]
 
 # --- artifacts ----------------------------------------------------------------------------------------------
@@ -575,6 +595,37 @@ EXPORTS = [
 
 # --- the CLI (written against cli.py of this commit) ---------------------------------------------------------
 
+
+def _train_cli(c: Case, *flags: str) -> int:
+    """``atq train`` on a small text with ``flags``: each bad one is refused before any model loads."""
+    return cli("train", "--model", c.model_dir(), "--data", c.file("the quick brown fox\n" * 100), "--windows", "4",
+               "--seq-len", "8", "--steps", "1", "--out", c.tmp / "out", "--quiet", "--device", "cpu", *flags)
+
+
+# atq train's data and loss flags with a bad value (each after --data FILE, which it may replace), and the error
+BAD_TRAIN_FLAGS = [
+    (["--data", "mix"], r"--data mix needs --generated-fraction F in \[0, 1\]"),
+    (["--data", "mix", "--generated-fraction", "1.5"], r"--generated-fraction must be in \[0, 1\], got 1\.5"),
+    (["--generated-fraction", "0.5"], r"--generated-fraction F goes with --data mix"),
+    (["--data", "mix+generated", "--generated-fraction", "0.5"], r".*--data mix, which stands alone"),
+    (["--data", "generated", "--greedy-tokens", "-1"], r"--greedy-tokens must be an integer >= 0, got -1"),
+    (["--data", "generated", "--temperature", "0"], r"--temperature must be a finite number > 0, got 0\.0"),
+    (["--data", "generated", "--top-p", "0"], r"--top-p must be in \(0, 1\], got 0\.0"),
+    (["--data", "generated", "--top-p", "1.5"], r"--top-p must be in \(0, 1\], got 1\.5"),
+    (["--data", "generated", "--first-token", "bos"], r"--first-token must be one of \('model', 'uniform'\), got 'bos'"),
+    (["--data", "generated", "--prompts-from-calibration", "-1"], r"--prompts-from-calibration must be an integer >= 0"),
+    (["--temperature", "0.7"], r"--temperature shapes generated text, but --data .*data\.txt generates none"),
+    (["--data", "mix", "--generated-fraction", "0", "--greedy-tokens", "3"], r"--greedy-tokens shapes generated text"),
+    (["--data", "mix", "--generated-fraction", "0.5", "--calibration", "missing.txt"],
+     r"cannot resolve data source 'missing\.txt'"),
+    (["--loss", "mse"], r"TrainConfig\.loss must be one of \('kl', 'cakld'\), got 'mse'"),
+    (["--confidence", "0.5"], r"--confidence is CAKLD's γ, but --loss is kl: give --loss cakld"),
+    (["--loss", "cakld", "--confidence", "high"], r"--confidence must be a number in \[0, 1\] or data, got 'high'"),
+    (["--loss", "cakld", "--confidence", "1.5"], r"TrainConfig\.confidence must be None or in \[0, 1\], got 1\.5"),
+    (["--loss", "cakld", "--no-teacher"], r"--loss cakld is a distillation loss, but --no-teacher trains without"),
+]
+
+
 CLI_ROWS = [
     Row("atq quantize --group-size 0", lambda c: cli("quantize", "--model", c.model_dir(), "--group-size", "0",
                                                      "--out", c.tmp / "out", "--quiet"),
@@ -614,6 +665,9 @@ CLI_ROWS = [
         "--seq-len", "16", "--out", c.tmp / "out", "--quiet", "--device", "cpu"),
         CliExit, r"^exit 2: atq train: error: .*2 windows, fewer than batch_size 8", after=absent("out", "out.ckpt"),
         cli=True),
+] + [Row(f"atq train {' '.join(flags)}", lambda c, flags=flags: _train_cli(c, *flags), CliExit,
+         "^exit 2: atq train: error: " + match, after=absent("out", "out.ckpt"), cli=True)
+       for flags, match in BAD_TRAIN_FLAGS] + [
     Row("atq export --model a plain HF checkpoint", lambda c: cli(
         "export", "--model", c.model_dir(), "--format", "hf", "--out", c.tmp / "hf"),
         CliExit, r"^exit 2: atq export: error: .*is not an ATQ artifact", after=absent("hf"), cli=True),

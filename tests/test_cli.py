@@ -266,6 +266,52 @@ def test_train_mixes_generated_windows_with_a_text(tiny_model_dir, text_file, tm
     assert "missing.txt" in capsys.readouterr().err and not list(tmp_path.glob("bad*"))
 
 
+CALIBRATION = "\n".join(" ".join(["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "."][i:] +
+                                  ["a", "fox", "and", "a", "dog", "."][: i + 1]) for i in range(6))
+
+
+def test_train_mixes_calibration_text_and_prompted_generated_text_in_a_share(tiny_model_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """``--data mix --generated-fraction 0.5``: half the windows cut from the calibration text, half generated
+    from its paragraph openings with the sampling flags (recorded in the cache), trained with CAKLD."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from atq import qat
+    from atq.data import text_prompts, token_windows
+
+    (tmp_path / "calibration.txt").write_text(CALIBRATION)
+    seen = []
+    real = qat.train
+    monkeypatch.setattr(qat, "train", lambda student, windows, *a, **k: seen.append(windows) or real(
+        student, windows, *a, **k))
+    out = tmp_path / "mixed"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", "mix", "--generated-fraction", "0.5",
+                 "--calibration", str(tmp_path / "calibration.txt"), "--windows", "4", "--seq-len", "8", "--steps", "2",
+                 "--batch-size", "2", "--checkpoint-every", "0", "--greedy-tokens", "2", "--temperature", "0.7",
+                 "--top-p", "0.9", "--prompts-from-calibration", "3", "--loss", "cakld", "--confidence", "data",
+                 "--out", str(out), "--device", "cpu", "--quiet"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "4x8" in printed and "cakld (confidence 0." in printed
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    calibration = token_windows(tokenizer, CALIBRATION, 8)
+    prompts = text_prompts(tokenizer, CALIBRATION, 2, 3)
+    (windows,) = seen
+    generated = [row for row in windows if not any(torch.equal(row, window) for window in calibration[:2])]
+    assert len(windows) == 4 and len(generated) == 2  # two windows of the text, two generated ones ...
+    assert sorted(row[:3].tolist() for row in generated) == sorted(prompts.tolist())  # ... continuing its openings
+    with safe_open(str(tmp_path / "mixed.tokens.safetensors"), "pt") as handle:
+        meta = handle.metadata()
+    assert (meta["windows"], meta["greedy_tokens"], meta["temperature"], meta["top_p"]) == ("2", "2", "0.7", "0.9")
+    assert meta["prompts"].startswith("2x3 sha256:")
+    config = json.loads((tmp_path / "mixed.log.json").read_text())["config"]
+    assert config["loss"] == "cakld" and 0 < config["confidence"] <= 1
+    assert main(["train", "--model", str(tiny_model_dir), "--data", "mix", "--generated-fraction", "0",
+                 "--calibration", str(tmp_path / "calibration.txt"), "--windows", "4", "--seq-len", "8", "--steps", "1",
+                 "--batch-size", "2", "--out", str(tmp_path / "text"), "--device", "cpu", "--quiet"]) == 0
+    assert not (tmp_path / "text.tokens.safetensors").exists()  # calibration text only: nothing generated
+
+
 @pytest.mark.parametrize("mode", [[], ["--shard", "--learned-scales"]], ids=["data-parallel", "sharded"])
 def test_train_under_torchrun_with_two_cpu_processes(tiny_model_dir, text_file, tmp_path, mode):
     import subprocess

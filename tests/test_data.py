@@ -120,3 +120,117 @@ def test_a_plain_callable_tokenizer_that_asks_for_bos_still_gets_bos_windows():
     text = "abcdefghij" * 5
     windows = token_windows(Plain(), text, seq_len=16)
     assert (windows[:, 0] == 1).all() and torch.equal(windows[:, 1:].reshape(-1), torch.tensor(list(text.encode()))[:45])
+
+
+# --- generation options (LLM-QAT / BitDistiller), prompts and the mix ----------------------------------------
+
+def _argmax_continuation(model, tokens, new):
+    """``new`` tokens appended to each row of ``tokens`` by a plain argmax over full forward passes, EOS excluded
+    (a window is never cut short): the independent reference for the greedy part of generated windows."""
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(tokens).logits[:, -1].double()
+            logits[:, eos] = -float("inf")
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
+    return tokens
+
+
+def test_the_first_greedy_tokens_are_the_argmax_and_the_rest_is_sampled(tiny_llama, char_tokenizer):
+    from atq.data import generated_windows
+
+    windows = generated_windows(tiny_llama, char_tokenizer, 4, 12, batch_size=3, seed=1, quiet=True, greedy_tokens=5)
+    greedy = _argmax_continuation(tiny_llama, windows[:, :1], 11)
+    assert torch.equal(windows[:, :6], greedy[:, :6])  # the first token, then 5 greedy ones
+    assert not torch.equal(windows[:, 6:], greedy[:, 6:])  # then sampled: the argmax path is left
+    default = generated_windows(tiny_llama, char_tokenizer, 4, 12, batch_size=3, seed=1, quiet=True)
+    assert torch.equal(windows[:, 0], default[:, 0])  # the same first tokens (one seed, one draw)
+    assert not torch.equal(windows, default)
+
+
+def test_a_tiny_top_p_is_greedy_and_the_temperature_is_used(tiny_llama, char_tokenizer):
+    from atq.data import generated_windows
+
+    nucleus = generated_windows(tiny_llama, char_tokenizer, 3, 10, seed=2, quiet=True, top_p=1e-9)
+    assert torch.equal(nucleus, _argmax_continuation(tiny_llama, nucleus[:, :1], 9))
+    hot = generated_windows(tiny_llama, char_tokenizer, 3, 10, seed=2, quiet=True, temperature=0.5)
+    assert not torch.equal(hot, generated_windows(tiny_llama, char_tokenizer, 3, 10, seed=2, quiet=True))
+
+
+def test_uniform_first_tokens_are_drawn_across_the_vocabulary_even_with_bos(tiny_llama):
+    from atq.data import generated_windows
+
+    windows = generated_windows(tiny_llama, BosTokenizer(), 5, 6, seed=4, quiet=True, first_token="uniform")
+    assert torch.equal(windows[:, 0], torch.randint(256, (5,), generator=torch.Generator().manual_seed(4)))
+    after_bos = generated_windows(tiny_llama, BosTokenizer(), 5, 6, seed=4, quiet=True)  # the model's, after BOS
+    assert not torch.equal(after_bos[:, 0], windows[:, 0])
+
+
+PARAGRAPHS = " = Title = \n\n the first paragraph is here .\n short\n\n the second one follows .\n the third ends it .\n"
+
+
+def test_prompts_are_paragraph_openings_spread_over_the_text(char_tokenizer):
+    from atq.data import text_prompts
+
+    openings = [bytes(row.tolist()).decode() for row in text_prompts(char_tokenizer, PARAGRAPHS, 3, 8)]
+    assert openings == ["the firs", "the seco", "the thir"]  # the heading and the short line are no paragraphs
+    assert [bytes(r.tolist()).decode() for r in text_prompts(char_tokenizer, PARAGRAPHS, 5, 8)] == [
+        "the firs", "the firs", "the seco", "the seco", "the thir"]  # fewer paragraphs than prompts: each in turn
+    with_bos = text_prompts(BosTokenizer(), PARAGRAPHS, 2, 8)
+    assert with_bos.shape == (2, 8) and (with_bos[:, 0] == 1).all() and bytes(with_bos[1, 1:].tolist()) == b"the sec"
+    with pytest.raises(DataError, match="no paragraph .* has the 40 tokens a prompt of 40 needs"):
+        text_prompts(char_tokenizer, PARAGRAPHS, 2, 40)
+
+
+def test_generated_windows_continue_their_prompts(tiny_llama, char_tokenizer):
+    from atq.data import generated_windows, text_prompts
+
+    prompts = text_prompts(char_tokenizer, PARAGRAPHS, 3, 8)
+    windows = generated_windows(tiny_llama, char_tokenizer, 5, 14, batch_size=2, quiet=True, prompts=prompts,
+                                greedy_tokens=2)
+    assert windows.shape == (5, 14)
+    assert torch.equal(windows[:, :8], prompts[torch.arange(5) % 3])  # each window opens with its prompt
+    assert torch.equal(windows[:, :10], _argmax_continuation(tiny_llama, windows[:, :8], 2))  # ... continued
+    with pytest.raises(DataError, match="prompts must be .*1 <= length < seq_len 8"):
+        generated_windows(tiny_llama, char_tokenizer, 2, 8, quiet=True, prompts=prompts)
+
+
+def test_the_mix_has_the_exact_share_in_a_seeded_order():
+    from atq.data import mixed_windows
+
+    calibration = torch.arange(3).repeat_interleave(4).reshape(3, 4)  # rows 0, 1, 2
+    generated = (100 + torch.arange(5)).repeat_interleave(4).reshape(5, 4)  # rows 100 .. 104
+    mix = mixed_windows(calibration, generated, 0.3, 10, seed=1)
+    firsts = mix[:, 0].tolist()
+    assert sorted(firsts) == [0, 0, 0, 1, 1, 2, 2, 100, 101, 102]  # 3 generated, 7 calibration repeated in turn
+    assert torch.equal(mix, mixed_windows(calibration, generated, 0.3, 10, seed=1))
+    assert not torch.equal(mix, mixed_windows(calibration, generated, 0.3, 10, seed=2))
+    assert firsts != sorted(firsts)  # interleaved, not the calibration block then the generated one
+    assert mixed_windows(calibration, generated, 0.0, 7)[:, 0].tolist().count(0) == 3  # calibration only
+    assert sorted(mixed_windows(calibration[:0], generated, 1.0, 5)[:, 0].tolist()) == list(range(100, 105))
+    with pytest.raises(DataError, match="generated_fraction must be in \\[0, 1\\], got 1.5"):
+        mixed_windows(calibration, generated, 1.5, 10)
+    with pytest.raises(DataError, match="6 generated and 4 calibration windows asked for, 5 generated"):
+        mixed_windows(calibration, generated, 0.6, 10)
+
+
+def test_the_cache_records_every_generation_option(tiny_llama, char_tokenizer, tmp_path, monkeypatch):
+    from atq import data
+
+    calls = []
+    real = data.generated_windows
+    monkeypatch.setattr(data, "generated_windows", lambda *a, **k: calls.append(k) or real(*a, **k))
+    cache = tmp_path / "tokens.safetensors"
+    prompts = data.text_prompts(char_tokenizer, PARAGRAPHS, 2, 6)  # "the fi", "the se"
+    base = {"prompts": prompts}
+    changes = [{"greedy_tokens": 2}, {"temperature": 0.7}, {"top_p": 0.9}, {"first_token": "uniform"},
+               {"prompts": prompts.flip(0)}, {"prompts": None}, {"batch_size": 2}, {"seed": 1}]
+    for change in changes:  # from the base, one option changed, and back: every step regenerates once
+        for options in ({**base, **change}, base):
+            for _ in range(2):  # made once, then reused
+                data.cached_generated_windows(tiny_llama, char_tokenizer, 3, 8, cache, quiet=True, **options)
+    assert len(calls) == 2 * len(changes)
+    data.cached_generated_windows(tiny_llama, char_tokenizer, 3, 8, cache, quiet=True, temperature=1, **base)
+    assert len(calls) == 2 * len(changes)  # 1 is 1.0: reused
+    with pytest.raises(TypeError, match="unknown sampling keyword.*top_k"):
+        data.cached_generated_windows(tiny_llama, char_tokenizer, 3, 8, cache, quiet=True, top_k=5)

@@ -206,13 +206,14 @@ def test_steps_skipped_again_and_again_stop_training():
         train(student, windows(), TrainConfig(steps=20, batch_size=4), quiet=True)
 
 
-def test_compiled_blocks_train_like_eager_and_are_uncompiled_afterwards():
+@pytest.mark.parametrize("loss", ["kl", "cakld"])
+def test_compiled_blocks_train_like_eager_and_are_uncompiled_afterwards(loss):
     data, teacher = windows(), make_llama(seed=1)
     runs = {}
     for mode in ("off", "blocks"):
         student = make_llama()
         prepare_qat(student, QuantConfig(), learned_scales=True)
-        runs[mode] = train(student, data, TrainConfig(steps=3, batch_size=4, lr=1e-3, compile=mode),
+        runs[mode] = train(student, data, TrainConfig(steps=3, batch_size=4, lr=1e-3, compile=mode, loss=loss),
                            teacher=teacher, quiet=True)
         assert all(getattr(m, "_compiled_call_impl", None) is None for m in student.modules())
     assert [h["loss"] for h in runs["blocks"]] == pytest.approx([h["loss"] for h in runs["off"]], rel=1e-4)
@@ -232,6 +233,57 @@ def test_distillation_gradient_equals_autograd_through_log_softmax(temperature):
     reference = (log_t.exp() * (log_t - log_s)).sum() / 12 * temperature**2
     (expected,) = torch.autograd.grad(3.0 * reference, student)
     fused = distillation_loss(student, teacher, temperature)
-    assert float(fused) == pytest.approx(float(reference), rel=1e-6)
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-6)
     (got,) = torch.autograd.grad(3.0 * fused, student)
     assert got.dtype == student.dtype and torch.allclose(got, expected, rtol=1e-5, atol=1e-8)
+
+
+def _kl_rows(p_log, q_log):
+    """KL(p || q) of each row, from float64 log-probabilities."""
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("confidence", [None, 0.0, 0.3, 1.0])
+def test_cakld_is_the_confidence_weighted_mix_of_both_kl_directions(temperature, confidence):
+    """CAKLD against a float64 formula of both directions (BitDistiller's weighting: γ on KL(student || teacher)),
+    value and gradient; γ None is the teacher's mean top probability of this batch."""
+    from atq.qat import confidence_aware_loss
+
+    student = torch.randn(3, 4, 13, dtype=torch.float64, requires_grad=True)
+    teacher = 3 * torch.randn(3, 4, 13, dtype=torch.float64)  # a confident teacher: γ far from 1/13
+    log_s = torch.log_softmax(student.reshape(-1, 13) / temperature, -1)
+    log_t = torch.log_softmax(teacher.reshape(-1, 13) / temperature, -1)
+    gamma = log_t.exp().amax(-1).mean() if confidence is None else confidence
+    forward, reverse = _kl_rows(log_t, log_s).mean(), _kl_rows(log_s, log_t).mean()
+    reference = (gamma * reverse + (1 - gamma) * forward) * temperature**2
+    (expected,) = torch.autograd.grad(2.0 * reference, student)
+    fused = confidence_aware_loss(student, teacher, temperature, confidence)
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-6)
+    (got,) = torch.autograd.grad(2.0 * fused, student)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-8)
+    if confidence == 0.0:  # γ = 0 is the plain logit KL
+        assert fused.item() == pytest.approx(distillation_loss(student, teacher, temperature).item(), rel=1e-6)
+    if confidence == 1.0:  # γ = 1 is the reverse KL alone
+        assert fused.item() == pytest.approx((reverse * temperature**2).item(), rel=1e-6)
+
+
+def test_cakld_is_the_loss_of_a_step_and_its_confidence_can_be_estimated_once():
+    from atq.qat import confidence_aware_loss, teacher_confidence
+
+    student, teacher, batch = make_llama(), make_llama(seed=1), windows(4, 12)
+    prepare_qat(student, QuantConfig())
+    kl = step_loss(student, teacher, batch, TrainConfig(steps=1))
+    cakld_0 = step_loss(student, teacher, batch, TrainConfig(steps=1, loss="cakld", confidence=0.0))
+    assert cakld_0.item() == pytest.approx(kl.item(), rel=1e-6)
+    with torch.no_grad():
+        s_logits, t_logits = student(batch).logits, teacher(batch).logits
+    for confidence in (None, 0.7):
+        got = step_loss(student, teacher, batch, TrainConfig(steps=1, loss="cakld", confidence=confidence))
+        assert got.item() == pytest.approx(confidence_aware_loss(s_logits, t_logits, 1.0, confidence).item(), rel=1e-5)
+    top = torch.softmax(t_logits[:2].double(), -1).amax(-1).mean()  # the first batch of two windows only
+    assert teacher_confidence(teacher, batch, batch_size=2, max_batches=1) == round(float(top), 4)
+    with pytest.raises(ValueError, match="TrainConfig.confidence is CAKLD's γ, but loss is 'kl'"):
+        TrainConfig(steps=1, confidence=0.5)
+    with pytest.raises(ValueError, match=r"TrainConfig.confidence must be None or in \[0, 1\], got 1.5"):
+        TrainConfig(steps=1, loss="cakld", confidence=1.5)

@@ -25,16 +25,27 @@ def integer(low: int, high: int | None = None) -> Check:
                  f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
 
 
-def real(low: float, high: float | None = None, *, strict: bool = False, optional: bool = False) -> Check:
-    """A finite number >= low (> low when strict), below high when given."""
+def real(low: float, high: float | None = None, *, strict: bool = False, optional: bool = False,
+         closed: bool = False) -> Check:
+    """A finite number >= low (> low when strict), below high when given (up to high itself when closed: a
+    share such as a fraction of the data, where both ends mean something)."""
     def ok(v: Any) -> bool:
         if optional and v is None:
             return True
         real = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        return real and (v > low if strict else v >= low) and (high is None or v < high)
-    text = (f"in {'(' if strict else '['}{low:g}, {high:g})" if high is not None
+        return real and (v > low if strict else v >= low) and (high is None or (v <= high if closed else v < high))
+    text = (f"in {'(' if strict else '['}{low:g}, {high:g}{']' if closed else ')'}" if high is not None
             else f"a finite number {'>' if strict else '>='} {low:g}")
     return Check(ok, ("None or " if optional else "") + text)
+
+
+def first_error(values: dict[str, Any], checks: dict[str, Check], name: Callable[[str], str] = str) -> str | None:
+    """``"<name> must be <allowed>, got <value>"`` for the first of ``values`` its check refuses, else None; ``name``
+    spells the field as the caller's user knows it (a CLI flag, ``--top-p`` for ``top_p``)."""
+    for field, check in checks.items():
+        if not check.ok(values[field]):
+            return f"{name(field)} must be {check.allowed}, got {values[field]!r}"
+    return None
 
 
 BOOL = Check(lambda v: isinstance(v, bool), "True or False")

@@ -23,18 +23,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .checks import choice, integer, real
+from .checks import choice, first_error, integer, real
 from .compilation import compiled
 from .config import COMPILE_MODES, QuantConfig
 from .data import check_windows
-from .distill import distillation_loss, step_loss
+from .distill import confidence_aware_loss, distillation_loss, step_loss, teacher_confidence
 from .distributed import average, average_gradients, barrier, full_value, is_sharded, rank_and_world
 from .files import write_json
 from .layers import PackedTernaryLinear, TernaryLinear
 from .surgery import linear_weight, select_linear_layers, set_module
 
-__all__ = ["MAX_SKIPPED_STEPS", "TrainConfig", "batch_indices", "compiled", "distillation_loss", "learning_rate",
-           "prepare_qat", "step_loss", "to_packed", "train"]
+__all__ = ["MAX_SKIPPED_STEPS", "TrainConfig", "batch_indices", "compiled", "confidence_aware_loss",
+           "distillation_loss", "learning_rate", "prepare_qat", "step_loss", "teacher_confidence", "to_packed", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class TrainConfig:
     KL. ``compile`` runs student, teacher and loss through ``torch.compile``: ``"blocks"`` compiles each
     decoder block on its own (the blocks share one compiled graph, so compile time does not grow with depth,
     and every resumed segment pays it again), ``"model"`` the whole model; ``True``/``False`` mean
-    ``"blocks"``/``"off"``."""
+    ``"blocks"``/``"off"``. ``loss``: ``"kl"`` the logit KL(teacher || student), ``"cakld"`` BitDistiller's
+    confidence-aware KL (``distill.confidence_aware_loss``) with γ = ``confidence``, or estimated per micro-batch
+    when None (``distill.teacher_confidence`` estimates it once, as BitDistiller does)."""
 
     steps: int
     batch_size: int = 8
@@ -65,13 +67,16 @@ class TrainConfig:
     checkpoint_every: int = 0
     hidden_weight: float = 0.0
     compile: str = "off"
+    loss: str = "kl"
+    confidence: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):
             object.__setattr__(self, "compile", "blocks" if self.compile else "off")
-        for name, check in _TRAIN_CHECKS.items():
-            if not check.ok(getattr(self, name)):
-                raise ValueError(f"TrainConfig.{name} must be {check.allowed}, got {getattr(self, name)!r}")
+        if (error := first_error(asdict(self), _TRAIN_CHECKS, lambda name: f"TrainConfig.{name}")) is not None:
+            raise ValueError(error)
+        if self.confidence is not None and self.loss != "cakld":
+            raise ValueError(f"TrainConfig.confidence is CAKLD's γ, but loss is {self.loss!r}: give loss='cakld'")
 
 
 _TRAIN_CHECKS = {  # each field's range (checks.py: the messages read like QuantConfig's)
@@ -79,7 +84,7 @@ _TRAIN_CHECKS = {  # each field's range (checks.py: the messages read like Quant
     "warmup_steps": integer(0), "weight_decay": real(0), "grad_clip": real(0)._replace(
         allowed="a finite number >= 0 (0: no clipping)"), "temperature": real(0, strict=True),
     "seed": integer(0), "checkpoint_every": integer(0), "hidden_weight": real(0), "compile": choice(COMPILE_MODES),
-}
+    "loss": choice(("kl", "cakld")), "confidence": real(0, 1, closed=True, optional=True)}
 
 
 def prepare_qat(
@@ -252,15 +257,9 @@ class _Run:
 
 
 def train(
-    student: nn.Module,
-    windows: torch.Tensor,
-    config: TrainConfig,
-    teacher: nn.Module | None = None,
-    checkpoint_dir: str | Path | None = None,
-    quiet: bool = False,
-    max_seconds: float | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-    log_path: str | Path | None = None,
+    student: nn.Module, windows: torch.Tensor, config: TrainConfig, teacher: nn.Module | None = None,
+    checkpoint_dir: str | Path | None = None, quiet: bool = False, max_seconds: float | None = None,
+    on_step: Callable[[int, float], None] | None = None, log_path: str | Path | None = None,
 ) -> list[dict[str, float]]:
     """Train ``student`` (after ``prepare_qat``) on token ``windows``; resumes from ``checkpoint_dir`` if it
     holds a checkpoint. Returns the per-step log (step, loss, lr, tokens, seconds, tokens_per_s).
