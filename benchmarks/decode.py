@@ -1,7 +1,7 @@
 """End-to-end decode speed: packed ternary vs bf16 in transformers, batch 1 and 16 -> results/decode_<gpu>.json.
 
-    python benchmarks/decode.py [--model smollm2 | --shape llama3-8b] [--new-tokens 128] [--compile]
-                                [--gguf PATH] [--out results/decode_h200.json] [--merge]
+    python benchmarks/decode.py [--shape llama3-8b] [--new-tokens 128] [--compile] [--modes eager graph compiled]
+                                [--gguf PATH] [--out results/decode_<gpu>.json] [--merge]
 
 Greedy decoding with a static KV cache after a 32-token prompt; one step is one forward of one token per sequence.
 tokens/s counts new tokens of all sequences; peak GPU memory is for the model alone (its weights + what the run
@@ -9,6 +9,8 @@ allocates: cache, graph pool, activations). Each model is timed stepping eagerly
 graph per step (the graph holds every kernel of a forward, so Python and launch costs vanish: how a serving loop
 runs small models); ``--compile`` adds the step compiled by ``torch.compile`` (inductor fuses the norms, rotary
 embeddings and activations around the matmuls; the Triton product is one opaque operator) inside the graph.
+``--modes`` times only those step modes; with ``--merge`` the model's rows of the other modes stay (an 8B model's
+compiled rows fit one 10-minute device call, not all of its rows).
 
 Models: the FP model in bf16; the ternary model (groups of 64, weight-only, data-free: speed does not depend on
 quality) with the Triton kernels, and on small models also with the torch reference kernel (unpack then matmul).
@@ -23,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -40,6 +43,13 @@ from atq.stats import markdown_table
 PROMPT = 32
 WARMUP = 3
 BATCHES = (1, 16)
+
+
+def results_path(stem: str) -> str:
+    """results/<stem>_<gpu>.json for the GPU this runs on (h100, h200, ...): timings are per card."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    card = next((short for short in ("h200", "h100", "a100", "l40s") if short in name.lower()), None)
+    return f"results/{stem}_{card or re.sub(r'[^a-z0-9]+', '_', name.lower())}.json"
 
 
 def model_bytes(model) -> int:
@@ -126,16 +136,26 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
     parser.add_argument("--gguf", default=None, help="export the ternary model here (Q2_0) for llama.cpp")
-    parser.add_argument("--out", default="results/decode_h200.json")
-    parser.add_argument("--merge", action="store_true", help="keep the other models' entries of --out")
+    parser.add_argument("--out", default=None, help="default: results/decode_<gpu>.json")
+    parser.add_argument("--modes", nargs="+", choices=("eager", "graph", "compiled"), default=None,
+                        help="step modes to time (default: eager and graph, and compiled with --compile)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other models' entries of --out, and this model's rows of modes not timed now")
     args = parser.parse_args()
+    args.modes = tuple(args.modes or ("eager", "graph") + (("compiled",) if args.compile else ()))
     if not torch.cuda.is_available():
         print("decode: needs a CUDA GPU; nothing measured", file=sys.stderr)
         return 0
+    args.out = args.out or results_path("decode")
     results = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).exists() else {}
     with tempfile.TemporaryDirectory() as args.tmp:
         name, fp, ternary, metadata = build_models(args)
-        results[name] = entry = {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens, "rows": []}
+        earlier = results.get(name, {})
+        if (earlier.get("device"), earlier.get("new_tokens")) != (torch.cuda.get_device_name(), args.new_tokens):
+            earlier = {}  # rows of another card or length are not merged into this one's
+        results[name] = entry = earlier | {  # llama_cpp_decode.py's rows and an earlier export stay
+            "device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens,
+            "rows": [row for row in earlier.get("rows", []) if row["mode"] not in args.modes]}
         if args.gguf:  # first: llama.cpp's rows need the file even if the timings below are cut short
             start = time.perf_counter()
             report = export_gguf(ternary, args.gguf, embedding="q8_0", **metadata)
@@ -143,8 +163,8 @@ def main() -> int:
                              "bits_per_ternary_weight": report["bits_per_ternary_weight"],
                              "fallback": len(report["fallback"]), "export_seconds": time.perf_counter() - start}
             print(entry["gguf"], file=sys.stderr, flush=True)
-        rows = measure(args, fp, ternary, lambda row: (entry["rows"].append(row), write_json(args.out, results)))
-        print(table(name, rows), flush=True)
+        measure(args, fp, ternary, lambda row: (entry["rows"].append(row), write_json(args.out, results)))
+        print(table(name, entry["rows"]), flush=True)
     return 0
 
 
@@ -154,11 +174,10 @@ def measure(args: argparse.Namespace, fp, ternary, record) -> list[dict]:
     small = args.shape is None or args.shape == "tiny"
     variants = [("bf16", fp, "reference"), ("ternary, Triton", ternary, "triton")]
     variants += [("ternary, torch reference", ternary, "reference")] if small else []
-    modes = ("eager", "graph") + (("compiled",) if args.compile else ())
     rows = []
     for label, model, kernel in variants:
         os.environ["ATQ_KERNEL"] = kernel
-        for mode in modes if kernel == "triton" or label == "bf16" else ("eager", "graph"):
+        for mode in [m for m in args.modes if kernel == "triton" or label == "bf16" or m != "compiled"]:
             for batch in BATCHES:
                 row = {"model": label, "batch": batch, "mode": mode}
                 try:

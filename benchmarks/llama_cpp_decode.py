@@ -1,7 +1,7 @@
 """llama.cpp's decode speed on the GPU for GGUF files, added to a decode JSON of benchmarks/decode.py.
 
     python benchmarks/llama_cpp_decode.py --llama-cpp BIN_DIR --model NAME --file LABEL=FILE.gguf [...]
-                                          [--new-tokens 128] [--out results/decode_h200.json]
+                                          [--new-tokens 128] [--out results/decode_<gpu>.json]
 
 NAME is the model's entry in --out (as decode.py wrote it: "SmolLM2-135M-Instruct", "llama3-8b (random
 weights)"); each file gets llama-bench's batch-1 rate and llama-batched-bench's rates at batch 1 and 16
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import llama_cpp_tools
+from decode import results_path
 
 from atq.files import write_json
 from atq.stats import markdown_table
@@ -28,8 +29,9 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="the model's entry in --out")
     parser.add_argument("--file", nargs="+", required=True, metavar="LABEL=FILE")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--out", default="results/decode_h200.json")
+    parser.add_argument("--out", default=None, help="default: results/decode_<gpu>.json")
     args = parser.parse_args()
+    args.out = args.out or results_path("decode")
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     entry = results.setdefault(args.model, {})
     rows = []

@@ -1,7 +1,8 @@
 """llama.cpp's own 2-bit quantizer on the same FP weights, beside ATQ's exports -> results/peers_smollm2.json.
 
     python benchmarks/peers.py --llama-cpp BIN_DIR [--atq LABEL=FILE.gguf|ARTIFACT ...] [--windows 16]
-                               [--types Q2_K IQ2_XS IQ2_XXS Q2_0] [--out results/peers_smollm2.json] [--merge]
+                               [--types Q2_K IQ2_XS IQ2_XXS Q2_0] [--imatrix FILE] [--out results/peers_smollm2.json]
+                               [--merge]
 
 The FP weights are the bundled SmolLM2 GGUF (Q4_1, what ATQ's FP model is), written as F16 by ``llama-quantize``.
 ``llama-imatrix`` computes an importance matrix over the calibration text ATQ calibrates on (WikiText-2
@@ -13,6 +14,8 @@ llama.cpp itself through llama-cpp-python (its logits for the same token ids), w
 as written. Needs a llama.cpp build (../shared/tools/llama_cpp_src.sh) and a GPU for speed (runs on a CPU).
 ``--types`` with no type skips llama.cpp's quantizer; ``--merge`` keeps the rows of --out for files not scored now
 (one device call can then add ATQ's artifacts to the llama.cpp rows of an earlier one, on the same windows).
+``--imatrix`` takes an importance matrix computed earlier (by ``llama_cpp_tools.importance_matrix`` on a GPU, where
+it takes seconds, not the half hour of a 2-core CPU) instead of computing it.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def score(path: Path, fp_model, windows: torch.Tensor, device: str) -> dict:
     try:
         from llama_cpp import Llama
 
-        llm = Llama(str(path), n_ctx=windows.shape[1], logits_all=True, n_gpu_layers=-1, verbose=False)
+        llm = Llama(str(path), n_ctx=windows.shape[1], logits_all=True, n_gpu_layers=-1, n_threads=os.cpu_count(),
+                    verbose=False)
         result["ppl_llama_cpp"] = llama_cpp_perplexity(llm, windows)
         del llm
     except (ImportError, OSError, ValueError, RuntimeError) as error:  # reported: the ATQ loop's number stands
@@ -86,6 +90,8 @@ def main() -> int:
     parser.add_argument("--types", nargs="*", default=["Q2_K", "IQ2_XS", "IQ2_XXS", "Q2_0"])
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--chunks", type=int, default=CALIBRATION_CHUNKS, help="imatrix chunks of 2048 tokens")
+    parser.add_argument("--imatrix", default=None, metavar="FILE",
+                        help="an importance matrix of the same calibration text computed earlier")
     parser.add_argument("--out", default="results/peers_smollm2.json")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--merge", action="store_true", help="keep --out's rows of files not scored now")
@@ -96,26 +102,30 @@ def main() -> int:
     windows = token_windows(tokenizer, load_text("wikitext2"), 2048, args.windows)
     calibration = Path(os.environ.get("ATQ_DATA_DIR", "../shared/data")) / "wikitext2_valid_tokenized.txt"
     rows = []
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         f16 = work / "f16.gguf"
         llama_cpp_tools.quantize(args.llama_cpp, smollm2(), f16, "F16")
         start = time.perf_counter()
-        if args.types:
-            llama_cpp_tools.importance_matrix(args.llama_cpp, f16, calibration, work / "imatrix.gguf", args.chunks)
-        imatrix_seconds = time.perf_counter() - start if args.types else previous.get("imatrix_seconds")
+        imatrix = Path(args.imatrix) if args.imatrix else work / "imatrix.gguf"
+        if args.types and not args.imatrix:
+            llama_cpp_tools.importance_matrix(args.llama_cpp, f16, calibration, imatrix, args.chunks)
+        imatrix_seconds = time.perf_counter() - start if args.types and not args.imatrix else previous.get(
+            "imatrix_seconds")
         files = {"F16 (the FP weights)": f16}
         for kind in args.types:
             files[f"llama.cpp {kind}, imatrix"] = work / f"{kind}.gguf"
             llama_cpp_tools.quantize(args.llama_cpp, f16, files[f"llama.cpp {kind}, imatrix"], kind,
-                                     imatrix=work / "imatrix.gguf")
+                                     imatrix=imatrix)
         for label, path in atq_files.items():
             files[label] = Path(path)
             if files[label].is_dir():  # an artifact: exported as `atq export --format gguf` would
                 files[label] = work / f"atq{len(files)}.gguf"
                 export_gguf(load_quantized(path), files[label], metadata_from=smollm2(), embedding="q8_0")
         for label, path in files.items():
-            rows.append({"file": label, **file_stats(path), **score(path, fp_model, windows, args.device)})
+            rows.append({"file": label, **file_stats(path), **score(path, fp_model, windows, args.device),
+                         "device": device_name})
             print(rows[-1], file=sys.stderr, flush=True)
     if previous and previous.get("windows") != len(windows):
         raise SystemExit(f"--merge: {args.out} was scored on {previous.get('windows')} windows, not {len(windows)}")
@@ -123,7 +133,6 @@ def main() -> int:
     rows = [row for row in previous.get("rows", []) if row["file"] not in scored] + rows
     calibration_note = f"{calibration.name}, {args.chunks} x 2048 tokens" if args.types else previous.get("calibration")
     write_json(args.out, {"model": "SmolLM2-135M-Instruct", "windows": len(windows), "seq_len": 2048,
-                          "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                           "calibration": calibration_note, "imatrix_seconds": imatrix_seconds, "rows": rows})
     print(markdown_table(["file", "linear types", "bits/weight (all)", "bits/linear weight", "MB", "ppl ATQ loop",
                           "ppl llama.cpp"],

@@ -1,3 +1,5 @@
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -287,3 +289,15 @@ def test_cakld_is_the_loss_of_a_step_and_its_confidence_can_be_estimated_once():
         TrainConfig(steps=1, confidence=0.5)
     with pytest.raises(ValueError, match=r"TrainConfig.confidence must be None or in \[0, 1\], got 1.5"):
         TrainConfig(steps=1, loss="cakld", confidence=1.5)
+
+
+def test_a_checkpoint_from_before_a_new_field_resumes_as_its_default():
+    """A TrainConfig field added later (``loss``) reads as its default in an older checkpoint: that run resumes,
+    and a run that changed the new field is refused."""
+    from atq.checkpoint import same_config
+
+    config = TrainConfig(steps=4)
+    saved = {k: v for k, v in asdict(config).items() if k != "loss"}
+    assert same_config(saved, config)
+    assert not same_config(saved, TrainConfig(steps=4, loss="cakld"))
+    assert not same_config({**saved, "steps": 5}, config)

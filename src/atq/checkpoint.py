@@ -8,6 +8,7 @@ read back with ``weights_only=True`` (no arbitrary unpickling).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,10 @@ def _load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Opti
     except Exception as error:
         raise ArtifactError(f"{directory}: unreadable sharded training checkpoint ({error})") from error
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+
+def same_config(saved: dict[str, Any], config: Any) -> bool:
+    """Whether a checkpoint's saved config (a dataclass's ``asdict``) is ``config``'s; a field added to the class
+    since the checkpoint was written counts as its default, so older checkpoints resume as the run they were."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    return {**defaults, **saved} == dataclasses.asdict(config)

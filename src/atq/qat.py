@@ -170,7 +170,7 @@ class _Run:
 
     def _resume(self) -> None:
         state = checkpoint.load_checkpoint(self.checkpoint_dir, self.student, self.optimizer)
-        if state["config"] != asdict(self.config):
+        if not checkpoint.same_config(state["config"], self.config):
             raise ValueError(f"{self.checkpoint_dir}: checkpoint was written with a different TrainConfig")
         self.start, self.history = state["step"], state["history"]
         self.trained = self.history[-1]["seconds"] if self.history else 0.0
