@@ -107,12 +107,12 @@ def main() -> int:
         work = Path(tmp)
         f16 = work / "f16.gguf"
         llama_cpp_tools.quantize(args.llama_cpp, smollm2(), f16, "F16")
-        start = time.perf_counter()
         imatrix = Path(args.imatrix) if args.imatrix else work / "imatrix.gguf"
+        imatrix_seconds = previous.get("imatrix_seconds")  # None for a matrix computed elsewhere (--imatrix)
         if args.types and not args.imatrix:
+            start = time.perf_counter()
             llama_cpp_tools.importance_matrix(args.llama_cpp, f16, calibration, imatrix, args.chunks)
-        imatrix_seconds = time.perf_counter() - start if args.types and not args.imatrix else previous.get(
-            "imatrix_seconds")
+            imatrix_seconds = time.perf_counter() - start
         files = {"F16 (the FP weights)": f16}
         for kind in args.types:
             files[f"llama.cpp {kind}, imatrix"] = work / f"{kind}.gguf"
