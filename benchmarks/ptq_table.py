@@ -72,6 +72,11 @@ METHODS += [
                         end_to_end_steps=64, calibration_windows=64)),
     ("group 64, Hadamard rotation, calibrated + compensation + block reconstruction + end-to-end",
      CALIBRATED.replace(reconstruct_steps=96, rotation="hadamard", end_to_end_steps=128)),
+    # the best recipes without the rotation, for models it cannot rotate (Gemma's norms after each sub-layer)
+    ("group 64, calibrated + compensation + block reconstruction + end-to-end",
+     CALIBRATED.replace(reconstruct_steps=96, end_to_end_steps=128)),
+    ("group 128, 2 planes base-3, calibrated + compensation + block reconstruction + end-to-end",
+     CALIBRATED.replace(planes=2, packing="base3", group_size=128, reconstruct_steps=256, end_to_end_steps=128)),
 ]
 
 # the keys of a quantized row, in the order results/ptq_smollm2.json has them
@@ -178,7 +183,7 @@ def table(report: dict) -> str:
     cells = [[row["method"], f"{row['ppl']:,.2f}", f"{row['bits_per_weight']:.2f}",
               f"{row.get('bits_per_linear_weight', row['bits_per_weight']):.2f}",
               f"{row['artifact_bytes'] / 2**20:.1f}", f"{row['quant_seconds']:.1f}"] for row in report["rows"]]
-    title = (f"SmolLM2-135M-Instruct, WikiText-2 test, {report['windows']} windows x {report['seq_len']} tokens, "
+    title = (f"{report['model']}, WikiText-2 test, {report['windows']} windows x {report['seq_len']} tokens, "
              f"{report['device']}")
     return f"{title}\n\n{markdown_table(header, cells)}"
 

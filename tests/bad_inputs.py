@@ -265,6 +265,9 @@ def _train_row(field: str, value: Any) -> Row:
 CONFIGS = [_keyword_row(k) for k in BAD_KEYWORDS] + [
     Row("QuantConfig(groupsize=64): a misspelt keyword", lambda c: QuantConfig(groupsize=64), TypeError,
         r"unknown keyword 'groupsize'"),
+    Row("QuantConfig(calibration=token windows): they belong to quantize", lambda c: QuantConfig(
+        calibration=torch.zeros(2, 8, dtype=torch.long)), TypeError,
+        r"calibration is a data name .* got Tensor; token windows go to quantize\(model, config, calibration=windows\)"),
     Row("QuantConfig(reconstruct_lr=...) with the stage off", lambda c: QuantConfig(reconstruct_lr=1e-3), ValueError,
         r"reconstruct_lr sets the reconstruction stage, which is off: give reconstruct_steps=N"),
     Row("QuantConfig: two planes with a calibrated sparsity", lambda c: QuantConfig(
@@ -557,12 +560,18 @@ EXPORTS = [
     Row("export_gguf(metadata_from a non-Llama GGUF)", lambda c: export_gguf(
         quantized(), c.tmp / "m.gguf", metadata_from=source_gguf(c.tmp / "g.gguf", make_llama().config,
                                                                  architecture="gpt2")),
-        ExportError, r"metadata of a non-Llama model \(gpt2\)", after=absent("m.gguf")),
+        ExportError, r"metadata of a gpt2 model, this one is llama: give the GGUF this model came from",
+        after=absent("m.gguf")),
+    Row("export_gguf(metadata_from a Qwen2 GGUF, a Llama model)", lambda c: export_gguf(
+        quantized(), c.tmp / "m.gguf", metadata_from=source_gguf(c.tmp / "g.gguf", make_llama().config,
+                                                                 architecture="qwen2")),
+        ExportError, r"metadata of a qwen2 model, this one is llama", after=absent("m.gguf")),
     Row("export_gguf(out is the metadata_from file)", lambda c: export_gguf(
         quantized(), c.tmp / "s.gguf", metadata_from=source_gguf(c.tmp / "s.gguf", make_llama().config)),
         ExportError, r"s\.gguf is also the metadata_from file"),
     Row("export_gguf(a GPT-2)", lambda c: export_gguf(quantized("gpt2"), c.tmp / "m.gguf", tokenizer_dir=c.tmp),
-        ExportError, r"supports Llama-architecture models, got 'gpt2'", after=absent("m.gguf")),
+        ExportError, r"supports the architectures \('llama', 'qwen2'\) \(Llama, Qwen2\), got 'gpt2'",
+        after=absent("m.gguf")),
     Row("export_gguf(a model that was not quantized)", lambda c: export_gguf(make_llama(), c.tmp / "m.gguf"),
         ExportError, r"has no ternary layers \(quantize it first"),
     Row("export_gguf(no tokenizer.json and no metadata_from)", lambda c: export_gguf(

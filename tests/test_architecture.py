@@ -14,7 +14,7 @@ SIZE_EXEMPT = {"kernels/triton.py"}  # Triton kernels: inlined PTX and tile loop
 # subpackage (kernels/, export/) count as one unit. Imports under ``if TYPE_CHECKING`` are for annotations only.
 RANKS = {
     "checks": 0, "packing": 0, "files": 0, "distributed": 0, "onload": 0,
-    "bundled": 1,
+    "bundled": 1, "gguf_tokenizer": 1,
     "config": 1,
     "ternary": 1,
     "quantizers": 2, "kernels": 2,

@@ -221,3 +221,22 @@ def test_full_recipe_matches_the_pipeline_before_the_refactor(planes, expected):
     finally:
         torch.set_num_threads(threads)
     assert loss == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_chunked_end_to_end_kl_equals_the_whole_batch_kl_and_its_gradient():
+    """End-to-end tuning's KL, computed a few positions at a time with the logits recomputed in the backward (so
+    a 262k vocabulary fits), against the plain KL of the whole batch's logits: value and gradient."""
+    import torch.nn.functional as F
+
+    from atq.tuning import chunked_kl
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden, target = torch.randn(2, 7, 16, requires_grad=True), torch.randn(2, 7, 16)
+    whole = F.kl_div(F.log_softmax(head(hidden).reshape(-1, 50), -1), F.log_softmax(head(target).reshape(-1, 50), -1),
+                     log_target=True, reduction="batchmean")
+    (expected,) = torch.autograd.grad(whole, hidden)
+    chunked = chunked_kl(head, hidden, target, chunk=3)  # 14 positions: chunks of 3, the last of 2
+    (got,) = torch.autograd.grad(chunked, hidden)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)

@@ -171,3 +171,13 @@ def test_the_stream_enters_as_the_folded_table_bit_for_bit():
     assert differ.float().mean() < 1e-3, f"{int(differ.sum())} of {differ.numel()} entries differ"
     ulp = torch.finfo(torch.float32).eps * expected.abs()
     assert ((entered - expected).abs() <= ulp).all()
+
+
+def test_a_gemma3_model_is_refused_naming_its_post_norms_and_the_fix():
+    """Gemma normalises each branch's output before the residual add: no rotation folds through that."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    with pytest.raises(ValueError, match=r"post_feedforward_layernorm.*without rotation \(rotation='none'\)"):
+        check_rotatable(model)

@@ -227,6 +227,10 @@ def _resolve(base: dict[str, Any], keywords: dict[str, Any]) -> dict[str, Any]:
     """QuantConfig's field values: ``base`` with ``keywords`` (fields or flat stage keywords) applied on top."""
     values, flat = dict(base), {}
     for key, value in keywords.items():
+        if key == "calibration" and not isinstance(value, (str, Calibration, type(None))):
+            raise TypeError(f"QuantConfig: calibration is a data name (e.g. 'wikitext2_valid') or a Calibration stage, "
+                            f"got {type(value).__name__}; token windows go to quantize(model, config, "
+                            "calibration=windows)")
         if key in values and not (key == "calibration" and isinstance(value, str)):
             values[key] = value
         elif key in KEYWORDS:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .checks import Check, choice, first_error, integer, real
+from .gguf_tokenizer import opening_token
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,6 @@ def _named_text(name: str) -> str:
         raise DataError(f"cannot load {name!r} through datasets ({type(error).__name__}: {error}); "
                         f"set ATQ_DATA_DIR to a folder holding {filename}") from error
     return "\n\n".join(rows)
-
-
-def opening_token(tokenizer) -> int | None:
-    """The BOS id when the tokenizer opens every sequence with it (Gemma; GGUF ``tokenizer.ggml.add_bos_token``,
-    which transformers maps to ``add_bos_token``), else None (SmolLM2, GPT-2)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return bos if bos is not None and getattr(tokenizer, "add_bos_token", False) else None
 
 
 def _text_ids(tokenizer, text: str, bos: int | None) -> torch.Tensor:

@@ -103,7 +103,9 @@ def _llama_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Modul
         if problem is None and not all(type(m).__name__.endswith(_NORM_SUFFIX) for m in norms):
             problem = "its norms are not RMSNorm (a LayerNorm subtracts the mean, which a rotation does not keep)"
         if problem is None and any(type(m).__name__.startswith("Gemma") for m in norms):
-            problem = "Gemma's RMSNorm scales by (1 + weight)"
+            problem = ("Gemma's norms after attention and MLP (post_attention_layernorm, post_feedforward_layernorm) "
+                       "normalise each branch's output before the residual add, so a rotation of the residual stream "
+                       "cannot fold into the weights around them; quantize it without rotation (rotation='none')")
     if problem is not None:
         raise ValueError(f"rotation supports Llama-family models (RMSNorm, q/k/v/o and gate/up/down projections); "
                          f"{type(model).__name__}: {problem}")

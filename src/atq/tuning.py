@@ -4,12 +4,14 @@ model's, EfficientQAT's E2E-QP). Codes stay those GPTQ chose unless latent weigh
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .capture import Batches, block_output
 from .config import QuantConfig
@@ -97,6 +99,27 @@ def reconstruct_block(block: nn.Module, batches: Batches, targets: list[torch.Te
         freeze(block, layers, saved)
 
 
+def chunked_kl(head: nn.Module, hidden: torch.Tensor, target_hidden: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """KL(FP ‖ model) of the next-token distributions, mean over positions, from the head's inputs (the model's
+    final hidden states and the FP model's), ``chunk`` positions at a time, each chunk's logits recomputed in the
+    backward (checkpoint). Why: a batch's logits in fp32 with their log-softmaxes and gradients take about six
+    logits-sized tensors — 4 windows x 2048 tokens of Gemma 3's 262k vocabulary is 8.6 GB each, over 50 GB in all;
+    here the peak is a chunk's."""
+    hidden, target_hidden = hidden.reshape(-1, hidden.shape[-1]), target_hidden.reshape(-1, target_hidden.shape[-1])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        part = functools.partial(_kl_sum, head, target_hidden[start : start + chunk])
+        total = total + checkpoint(part, hidden[start : start + chunk], use_reentrant=False)
+    return total / hidden.shape[0]
+
+
+def _kl_sum(head: nn.Module, target_hidden: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of KL(softmax(head(target_hidden)) ‖ softmax(head(hidden))), the target without gradient."""
+    with torch.no_grad():
+        target = F.log_softmax(head(target_hidden).float(), -1)
+    return F.kl_div(F.log_softmax(head(hidden).float(), -1), target, log_target=True, reduction="sum")
+
+
 def tune_end_to_end(model: nn.Module, windows: torch.Tensor, head_inputs: list[torch.Tensor], config: QuantConfig,
                     batch_size: int) -> tuple[float, float]:
     """Tune every ternary layer's scales (and, at a tenth of the rate, the decoder's norms and other FP
@@ -112,12 +135,8 @@ def tune_end_to_end(model: nn.Module, windows: torch.Tensor, head_inputs: list[t
     def loss_on(index: int) -> torch.Tensor:
         ids = windows[index * batch_size : (index + 1) * batch_size].to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
-            logits = model(input_ids=ids, use_cache=False).logits
-            with torch.no_grad():
-                target = head(head_inputs[index])
-        vocab = logits.shape[-1]
-        return F.kl_div(F.log_softmax(logits.float().reshape(-1, vocab), -1),
-                        F.log_softmax(target.float().reshape(-1, vocab), -1), log_target=True, reduction="batchmean")
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state  # the head's input
+            return chunked_kl(head, hidden, head_inputs[index])
 
     try:
         return train_steps(loss_on, len(head_inputs), config.end_to_end.steps,

@@ -1,4 +1,4 @@
-"""ATQ artifact (Llama architecture) -> GGUF that stock llama.cpp loads, written with the ``gguf`` package.
+"""ATQ artifact (Llama or Qwen2 architecture) -> GGUF that stock llama.cpp loads, written with the ``gguf`` package.
 
 Each ternary layer gets the smallest llama.cpp type that holds it *exactly* (the GGUF dequantizes bit for bit to
 ATQ's weight; ``ternary_type="auto"``): TQ2_0 (blocks of 256 along a row, one fp16 scale, 2.06 bits) where rows
@@ -10,7 +10,8 @@ tensor is read back from the written file and checked bit for bit before it is p
 
 Metadata and tokenizer: copied from a source GGUF (``metadata_from``, e.g. the bundled SmolLM2 file) or written
 from the HF config and a BPE ``tokenizer.json``. llama.cpp expects q/k rows in the GGML rotary order, so they
-are permuted as llama.cpp's own converter does (rows move with their per-row scales, codes are unchanged).
+are permuted as llama.cpp's own converter does (rows move with their per-row scales, codes are unchanged); its
+Qwen2 keeps HF's order (NEOX rotary) and reads the q/k/v biases, which are written F32 beside the ternary weights.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from ..embedding import BlockQuantizedMatrix, TiedQuantizedHead
 from ..files import atomic_file
 from ..layers import PackedTernaryLinear
 from ..rotation import folded_stream
-from ..surgery import LLAMA_LINEARS
 from ..ternary import PackedTernary
 from . import q2_0
-from .gguf_metadata import ExportError, copy_metadata, open_source, write_metadata
+from .gguf_layout import bias_tensor, gguf_name, llama_cpp_rows, permute_rows
+from .gguf_metadata import ExportError, architecture, copy_metadata, open_source, write_metadata
 from .gguf_read import read_gguf
 
 __all__ = ["ExportError", "export_gguf", "gguf_name", "permute_rows", "ternary_exact", "verify_gguf"]
@@ -39,28 +40,6 @@ TERNARY_TYPES = ("auto", "q2_0", "tq2_0", "tq1_0", "f16")  # f16: a same-weights
 EMBEDDINGS = (None, "q8_0", "f16")  # None: as the artifact holds it (F16, or its own Q8_0 / Q4_0 blocks)
 FALLBACKS = ("q8_0", "f16")
 _BLOCK = 256
-
-_BLOCK_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"} | LLAMA_LINEARS
-
-
-def gguf_name(name: str) -> str:
-    """HF Llama parameter name (without ``.weight``) -> llama.cpp tensor name (without ``.weight``)."""
-    if name == "model.embed_tokens":
-        return "token_embd"
-    if name == "model.norm":
-        return "output_norm"
-    if name == "lm_head":
-        return "output"
-    parts = name.split(".")
-    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in _BLOCK_NAMES:
-        return f"blk.{parts[2]}.{_BLOCK_NAMES['.'.join(parts[3:])]}"
-    raise ExportError(f"GGUF export: no llama.cpp name for tensor {name!r} (Llama architecture only)")
-
-
-def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp's q/k row order: within each head, interleave the two rotary halves (its converter's permute)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
-        weight.shape)
 
 
 def ternary_exact(weight: PackedTernary) -> bool:
@@ -77,7 +56,7 @@ def export_gguf(
     fallback: str = "q8_0",
     embedding: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``model`` (an ATQ-quantized Llama) to ``out``; returns the report (types, fallbacks, bits).
+    """Write ``model`` (an ATQ-quantized Llama or Qwen2) to ``out``; returns the report (types, fallbacks, bits).
 
     ``metadata_from``: a GGUF whose metadata and tokenizer are copied; otherwise ``tokenizer_dir`` must hold a
     BPE ``tokenizer.json`` (the artifact directory does). ``embedding``: "q8_0" or "f16" for the embedding and
@@ -93,8 +72,7 @@ def export_gguf(
     if embedding not in EMBEDDINGS:
         raise ExportError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
     config = model.config
-    if getattr(config, "model_type", None) != "llama":
-        raise ExportError(f"GGUF export supports Llama-architecture models, got {getattr(config, 'model_type', None)!r}")
+    arch = architecture(config)
     if not any(isinstance(m, PackedTernaryLinear) for m in model.modules()):
         raise ExportError("GGUF export: the model has no ternary layers (quantize it first, or load an ATQ artifact)")
     _check_out(Path(out))
@@ -102,11 +80,11 @@ def export_gguf(
     ftype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16}[fallback]
     report: dict[str, Any] = {"tensors": {}, "fallback": [], "ternary_type": ternary_type}
     tensors, ternary_weights, ternary_bytes = _ternary_tensors(model, ternary_type, ftype, report)
-    file_type = _file_type({kind for _, _, kind in tensors}, bool(report["fallback"]))
+    file_type = _file_type({kind for name, _, kind in tensors if name.endswith(".weight")}, bool(report["fallback"]))
     tensors += _fp_tensors(model, report, embedding)
     out = Path(out)
     with atomic_file(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, "llama")
+        writer = gguf.GGUFWriter(tmp, arch)
         if reader is not None:
             copy_metadata(writer, reader, config)
         else:
@@ -149,7 +127,7 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module) -> int:
         else:
             values = gguf.quants.dequantize(np.asarray(tensor.data).reshape(tensor.shape[0], -1),
                                             gguf.GGMLQuantizationType(tensor.ggml_type))
-        expected = _llama_cpp_rows(model, name, module.qweight.dequantize(torch.float32)).cpu().numpy()
+        expected = llama_cpp_rows(model, name, module.qweight.dequantize(torch.float32)).cpu().numpy()
         if values.shape != expected.shape or not np.array_equal(values, expected):
             raise ExportError(f"{path}: tensor {gguf_name(name)}.weight does not dequantize to layer {name}'s "
                               "weight (a corrupted or foreign block); export the artifact again")
@@ -184,14 +162,6 @@ def _check_out(out: Path) -> None:
                                       "Choose another output path (nothing was written)")
 
 
-def _llama_cpp_rows(model: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
-    """q/k rows in llama.cpp's rotary order (its converter's permute); other tensors as they are."""
-    config = model.config
-    if name.endswith("q_proj"):
-        return permute_rows(weight, config.num_attention_heads)
-    return permute_rows(weight, config.num_key_value_heads) if name.endswith("k_proj") else weight
-
-
 def _ternary_type(weight: PackedTernary, choice: str, fallback: Any) -> Any:
     """The GGUF type of one ternary layer: under "auto" the smallest exact type (TQ2_0, else Q2_0); a named type
     where it is exact; ``fallback`` otherwise (and for "f16", F16)."""
@@ -217,19 +187,18 @@ def _ternary_tensors(model: nn.Module, choice: str, fallback: Any,
     for name, module in model.named_modules():
         if not isinstance(module, PackedTernaryLinear):
             continue
-        if module.bias is not None and module.bias.abs().max() > 0:
-            raise ExportError(f"{name} has a bias (dead-zone bias or a biased layer): llama.cpp's Llama has none")
+        bias = bias_tensor(model, name, module.bias)
         kind = _ternary_type(module.qweight, choice, fallback)
         if kind == q2_0.GGML_TYPE:  # blocks built from the codes; rows reordered as llama.cpp wants q/k
-            stored = _llama_cpp_rows(model, name, torch.from_numpy(q2_0.encode(module.qweight))).numpy()
+            stored = llama_cpp_rows(model, name, torch.from_numpy(q2_0.encode(module.qweight))).numpy()
         else:
-            data = _llama_cpp_rows(model, name, module.qweight.dequantize(torch.float32)).cpu().numpy()
+            data = llama_cpp_rows(model, name, module.qweight.dequantize(torch.float32)).cpu().numpy()
             if kind == gguf.GGMLQuantizationType.Q8_0 and module.in_features % 32:  # Q8_0 blocks are 32 wide
                 kind = gguf.GGMLQuantizationType.F16
             stored = data.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(data, kind)
         if kind not in _exact_types() and choice != "f16":
             report["fallback"].append(name)
-        tensors.append((gguf_name(name) + ".weight", stored, kind))
+        tensors += [(gguf_name(name) + ".weight", stored, kind), *bias]
         report["tensors"][name] = "Q2_0" if kind == q2_0.GGML_TYPE else kind.name
         ternary_weights += module.qweight.in_features * module.qweight.shape[0]
         ternary_bytes += stored.nbytes
@@ -254,15 +223,18 @@ def _fp_tensors(model: nn.Module, report: dict[str, Any], choice: str | None) ->
     dense = rotated or (blocked and not as_blocks)  # the embedding (and head) rebuilt dense, folded if rotated
     folded = dict(zip(("model.embed_tokens", "lm_head", "model.norm"), _folded(model))) if dense else {}
     for name, param in [*model.named_parameters(), *[(f"{n}.weight", None) for n in folded]]:
-        base = name.removesuffix(".weight")
+        base, kind_of = name.rsplit(".", 1)
         if isinstance(modules.get(base), PackedTernaryLinear) or (base in folded and param is not None):
             continue
         if (tied and base == "lm_head" and not rotated) or base in report["tensors"]:
             continue
-        if not name.endswith(".weight"):
+        if kind_of == "bias":  # an FP layer's bias (a Qwen2 q/k/v layer kept FP)
+            tensors += bias_tensor(model, base, param)
+            continue
+        if kind_of != "weight":
             raise ExportError(f"GGUF export: unexpected parameter {name!r}")
         value = folded[base] if base in folded else param.detach()
-        data = _llama_cpp_rows(model, base, value.float()).cpu().numpy()  # q/k of a layer kept FP move too
+        data = llama_cpp_rows(model, base, value.float()).cpu().numpy()  # q/k of a layer kept FP move too
         kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else gguf.GGMLQuantizationType.F16
         if base in ("model.embed_tokens", "lm_head") and choice == "q8_0" and data.shape[-1] % 32 == 0:
             kind = gguf.GGMLQuantizationType.Q8_0

@@ -1,7 +1,8 @@
-"""The GGUF file's metadata: the ``llama.*`` keys that describe the model, and its tokenizer.
+"""The GGUF file's metadata: the ``<arch>.*`` keys that describe the model (``llama.*``, ``qwen2.*``), and its
+tokenizer.
 
 Written from the HF config and a BPE ``tokenizer.json``, or copied from a source GGUF (``metadata_from``). A copy
-is checked first: every ``llama.*`` key the source holds must agree with the model's config (and its token list
+is checked first: its architecture must be the model's, every ``<arch>.*`` key the source holds must agree with the model's config (and its token list
 with the vocabulary), or the export stops with the keys that differ: llama.cpp trusts the metadata over the
 tensors, so a file that contradicts its tensors fails to load or computes something else.
 """
@@ -19,22 +20,35 @@ class ExportError(ValueError):
     """A model or layout that the target format cannot hold as asked."""
 
 
+ARCHITECTURES = ("llama", "qwen2")  # HF model_type = llama.cpp architecture name; both read the same keys
+
+
+def architecture(config: Any) -> str:
+    """The GGUF architecture of ``config`` (its HF ``model_type``), or an ExportError naming those supported."""
+    kind = getattr(config, "model_type", None)
+    if kind not in ARCHITECTURES:
+        raise ExportError(f"GGUF export supports the architectures {ARCHITECTURES} (Llama, Qwen2), got {kind!r}")
+    return kind
+
+
 def llama_metadata(config: Any) -> dict[str, tuple[float, str]]:
-    """The ``llama.*`` keys that describe ``config``: key -> (value, the config field it comes from)."""
+    """The ``<arch>.*`` keys that describe ``config`` (llama.cpp's Llama and Qwen2 read the same ones, under their
+    architecture's prefix): key -> (value, the config field it comes from)."""
+    arch = architecture(config)
     heads = config.num_attention_heads
     rope = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
     head_dim = getattr(config, "head_dim", None)
     return {
-        "llama.context_length": (config.max_position_embeddings, "max_position_embeddings"),
-        "llama.embedding_length": (config.hidden_size, "hidden_size"),
-        "llama.block_count": (config.num_hidden_layers, "num_hidden_layers"),
-        "llama.feed_forward_length": (config.intermediate_size, "intermediate_size"),
-        "llama.attention.head_count": (heads, "num_attention_heads"),
-        "llama.attention.head_count_kv": (config.num_key_value_heads, "num_key_value_heads"),
-        "llama.rope.dimension_count": (head_dim or config.hidden_size // heads, "head_dim"),
-        "llama.attention.layer_norm_rms_epsilon": (float(config.rms_norm_eps), "rms_norm_eps"),
-        "llama.rope.freq_base": (float(rope or 10000.0), "rope_theta"),
-        "llama.vocab_size": (config.vocab_size, "vocab_size"),
+        f"{arch}.context_length": (config.max_position_embeddings, "max_position_embeddings"),
+        f"{arch}.embedding_length": (config.hidden_size, "hidden_size"),
+        f"{arch}.block_count": (config.num_hidden_layers, "num_hidden_layers"),
+        f"{arch}.feed_forward_length": (config.intermediate_size, "intermediate_size"),
+        f"{arch}.attention.head_count": (heads, "num_attention_heads"),
+        f"{arch}.attention.head_count_kv": (config.num_key_value_heads, "num_key_value_heads"),
+        f"{arch}.rope.dimension_count": (head_dim or config.hidden_size // heads, "head_dim"),
+        f"{arch}.attention.layer_norm_rms_epsilon": (float(config.rms_norm_eps), "rms_norm_eps"),
+        f"{arch}.rope.freq_base": (float(rope or 10000.0), "rope_theta"),
+        f"{arch}.vocab_size": (config.vocab_size, "vocab_size"),
     }
 
 
@@ -61,10 +75,11 @@ def open_source(source: str | os.PathLike, config: Any, out: str | os.PathLike) 
         hint = (" — it holds tensor types the gguf package does not know, such as the Q2_0 blocks ATQ exports: "
                 "give the GGUF the model came from" if "GGMLQuantizationType" in str(error) else "")
         raise ExportError(f"metadata_from {source}: not a readable GGUF file ({error}){hint}") from error
-    architecture = reader.fields.get("general.architecture")
-    if architecture is None or architecture.contents() != "llama":
-        raise ExportError(f"metadata_from {source}: metadata of a non-Llama model "
-                          f"({architecture.contents() if architecture else 'no general.architecture'})")
+    source_arch = reader.fields.get("general.architecture")
+    if source_arch is None or source_arch.contents() != architecture(config):
+        raise ExportError(f"metadata_from {source}: metadata of a "
+                          f"{source_arch.contents() if source_arch else 'no general.architecture'} model, this one is "
+                          f"{architecture(config)}: give the GGUF this model came from")
     wrong = [f"{key} is {reader.fields[key].contents()} there, the model's {field} is {value}"
              for key, (value, field) in llama_metadata(config).items()
              if key in reader.fields and not _agree(reader.fields[key].contents(), value)]
@@ -81,7 +96,7 @@ def open_source(source: str | os.PathLike, config: Any, out: str | os.PathLike) 
 
 def copy_metadata(writer: Any, reader: Any, config: Any) -> None:
     """Every key of the source except the ones this file sets itself (architecture, file type); the model's
-    ``llama.*`` keys the source lacks are added from ``config``."""
+    ``<arch>.*`` keys the source lacks are added from ``config``."""
     import gguf
 
     for key, field in reader.fields.items():
@@ -100,7 +115,7 @@ def _add_llama_keys(writer: Any, config: Any, skip: set[str] = frozenset()) -> N
 
 
 def write_metadata(writer: Any, config: Any, tokenizer_dir: str | os.PathLike | None) -> None:
-    """Llama keys from the HF config; a BPE tokenizer (vocab + merges) from ``tokenizer.json``."""
+    """``<arch>.*`` keys from the HF config; a BPE tokenizer (vocab + merges) from ``tokenizer.json``."""
     import gguf
 
     path = Path(tokenizer_dir or "") / "tokenizer.json"

@@ -1,10 +1,11 @@
-"""The weights of a llama.cpp GGUF of a Llama model, dequantized into an HF model of the same config.
+"""The weights of a llama.cpp GGUF of a Llama or Qwen2 model, dequantized into an HF model of the same config.
 
 Why: to score any llama.cpp file — its own quantizer's Q2_K / IQ2_XS / IQ2_XXS / Q2_0, or an ATQ export — with
 ATQ's evaluation loop on exactly the tokens ATQ's models are scored on (benchmarks/peers.py). transformers' GGUF
 loader dequantizes through the gguf package, which does not know Q2_0 (type 42); here Q2_0 goes through
 ``q2_0.dequantize`` (ggml's dequantizer transcribed) and every other type through the gguf package. Tensor names
-map back through ``gguf.gguf_name``, and q/k rows are put back from llama.cpp's rotary order.
+map back through ``gguf_layout.gguf_name`` (biases too: Qwen2's q/k/v), and a Llama's q/k rows are put back
+from llama.cpp's rotary order (Qwen2's are stored in HF's).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from . import q2_0
-from .gguf import gguf_name
+from .gguf_layout import gguf_name, unpermute_rows
 from .gguf_metadata import ExportError
 from .gguf_read import GGUFTensor, read_gguf
 
@@ -38,22 +39,17 @@ def dequantized(tensor: GGUFTensor) -> np.ndarray:
     return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(kind)).astype(np.float32).reshape(tensor.shape)
 
 
-def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of ``gguf.permute_rows``: q/k rows from llama.cpp's rotary order back to HF's."""
-    return weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
-        weight.shape)
-
-
 @torch.no_grad()
 def load_gguf_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
-    """Copy every tensor of the GGUF at ``path`` into ``model`` (an FP HF Llama of the file's shape), dequantized;
+    """Copy every tensor of the GGUF at ``path`` into ``model`` (an FP HF Llama or Qwen2 of the file's shape),
+    dequantized;
     returns how many tensors of each GGUF type it held. A head the file stores apart from the embedding unties a
     tied model. Raises ExportError naming a tensor the model lacks, a parameter the file lacks, or a shape that
     differs."""
     _, tensors = read_gguf(path)
     config = model.config
     parameters = dict(model.named_parameters(remove_duplicate=False))
-    by_gguf = {gguf_name(name.removesuffix(".weight")) + ".weight": name for name in parameters}
+    by_gguf = {gguf_name(name.rsplit(".", 1)[0]) + "." + name.rsplit(".", 1)[1]: name for name in parameters}
     if "output.weight" in tensors and model.lm_head.weight is model.get_input_embeddings().weight:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
         config.tie_word_embeddings = False
@@ -66,7 +62,7 @@ def load_gguf_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, in
         target = model.get_parameter(by_gguf[name])
         value = torch.from_numpy(dequantized(tensor))
         heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(name.split(".")[-2])
-        value = unpermute_rows(value, heads) if heads else value
+        value = unpermute_rows(value, heads) if heads and config.model_type == "llama" else value
         if value.shape != target.shape:
             raise ExportError(f"{path}: tensor {name} has shape {tuple(value.shape)}, the model's {by_gguf[name]} "
                               f"{tuple(target.shape)}")

@@ -1,0 +1,97 @@
+"""Checks of the tokenizer transformers builds from a GGUF file against what the file itself says.
+
+Why: perplexity is only comparable when the token ids are the model's own. transformers converts a GGUF's
+vocabulary into a tokenizer, and that conversion has differed between versions: transformers 5.17 turns Gemma 3
+270M's GGUF into a tokenizer that splits common words into pieces ("hello" -> 2 tokens, where llama.cpp and
+transformers 5.25 give the vocabulary's one token 23391) and opens no sequence with BOS although the file's
+``tokenizer.ggml.add_bos_token`` asks for it. Such a model's FP perplexity measured 143.8 instead of the ~20 of
+its real tokens, and every quantized number on it would have been as meaningless.
+
+``match_gguf_tokenizer`` corrects the BOS flag to the file's (logged), and refuses a tokenizer that does not
+encode the vocabulary's own whole-word tokens as single tokens, naming the version and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+log = logging.getLogger("atq")
+
+PROBE_WORDS = 64  # whole-word tokens of the vocabulary encoded as one text
+MAX_TOKENS_PER_WORD = 1.25  # a correct tokenizer gives about one token a word (the first may take two)
+_WORD_MARKS = {"llama": "\u2581", "gpt2": "\u0120"}  # SentencePiece's ▁ and byte-level BPE's Ġ: a leading space
+
+
+def match_gguf_tokenizer(tokenizer: Any, path: str | os.PathLike) -> None:
+    """Make ``tokenizer`` (from ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``) open sequences with BOS as
+    the GGUF at ``path`` asks, and raise ValueError if it splits the vocabulary's own words."""
+    fields = _fields(path, ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.model", "tokenizer.ggml.tokens"))
+    _match_bos(tokenizer, fields.get("tokenizer.ggml.add_bos_token"), path)
+    words = probe_words(fields.get("tokenizer.ggml.tokens") or [], fields.get("tokenizer.ggml.model"))
+    if len(words) < PROBE_WORDS // 2:
+        return  # a vocabulary without enough whole-word tokens to probe (a character-level one, say)
+    text = " " + " ".join(words)
+    count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if count > MAX_TOKENS_PER_WORD * len(words) + 1:
+        import transformers
+
+        raise ValueError(
+            f"{path}: transformers {transformers.__version__} builds a tokenizer from this GGUF that encodes "
+            f"{len(words)} whole-word tokens of its own vocabulary (e.g. {words[:3]}) as {count} tokens; llama.cpp "
+            "encodes each as one. Perplexity and calibration on those ids would mean nothing. Use a transformers "
+            "version that converts this file correctly (5.25 does for Gemma 3), or load the model from a "
+            "checkpoint directory with its tokenizer.json")
+
+
+def probe_words(tokens: list[str], model: str | None) -> list[str]:
+    """The first ``PROBE_WORDS`` tokens that are a leading-space mark and 4+ ASCII letters, as plain words: the
+    vocabulary's common whole words, each of which its own tokenizer encodes (after a space) as that token."""
+    mark = _WORD_MARKS.get(model or "")
+    if mark is None:
+        return []
+    pattern = re.compile(re.escape(mark) + "[A-Za-z]{4,}")
+    return [token[1:] for token in tokens if pattern.fullmatch(token)][:PROBE_WORDS]
+
+
+def opening_token(tokenizer) -> int | None:
+    """The BOS id when the tokenizer opens every sequence with it (Gemma; GGUF ``tokenizer.ggml.add_bos_token``,
+    which transformers maps to ``add_bos_token``, or a post-processor that adds it: a Gemma tokenizer saved and
+    reloaded reads ``add_bos_token`` False and still adds BOS), else None (SmolLM2, GPT-2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or getattr(tokenizer, "add_bos_token", False):
+        return bos
+    try:
+        return bos if opens_with_bos(tokenizer) else None
+    except (TypeError, KeyError, IndexError):  # a plain callable tokenizer (tests) that says nothing of BOS
+        return None
+
+
+def opens_with_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts its BOS token first when it encodes a text."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(len(ids)) and int(ids[0]) == bos
+
+
+def _match_bos(tokenizer: Any, wanted: bool | None, path: str | os.PathLike) -> None:
+    if wanted is None or getattr(tokenizer, "bos_token_id", None) is None or opens_with_bos(tokenizer) == wanted:
+        return
+    tokenizer.add_bos_token = bool(wanted)
+    if opens_with_bos(tokenizer) != wanted:
+        raise ValueError(f"{path}: the GGUF's tokenizer.ggml.add_bos_token is {wanted}, and the tokenizer "
+                         "transformers built from it cannot be made to follow it")
+    log.warning("%s: the tokenizer transformers built %s BOS; the file's tokenizer.ggml.add_bos_token says %s: "
+                "corrected", path, "adds no" if wanted else "adds a", wanted)
+
+
+def _fields(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The values of ``keys`` in the GGUF's metadata (absent keys left out); the tensors are not read."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {key: reader.fields[key].contents() for key in keys if key in reader.fields}
