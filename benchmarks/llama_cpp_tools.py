@@ -12,6 +12,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from atq.files import atomic_file
+
 
 def run(bin_dir: str | os.PathLike, program: str, *args: object, timeout: float = 600) -> str:
     """Run ``program`` of ``bin_dir`` with ``args``; what it printed (stdout, then stderr: llama.cpp's LOG writes
@@ -54,18 +56,17 @@ def quantize(bin_dir: str | os.PathLike, source: str | os.PathLike, out: str | o
              imatrix: str | os.PathLike | None = None) -> str:
     """``llama-quantize`` ``source`` to type ``kind`` (requantizing a quantized source where needed), with an
     importance matrix if given; returns its log (which lists each tensor's type, fallbacks included)."""
-    part = Path(f"{out}.part")  # renamed once complete: a cut-short run leaves no file that looks finished
-    args = ["--allow-requantize", *(["--imatrix", imatrix] if imatrix else []), source, part, kind]
-    log = run(bin_dir, "llama-quantize", *args)
-    os.replace(part, out)
-    return log
+    with atomic_file(out) as part:  # renamed once complete: a cut-short run leaves no file that looks finished
+        return run(bin_dir, "llama-quantize", "--allow-requantize", *(["--imatrix", imatrix] if imatrix else []),
+                   source, part, kind)
 
 
 def importance_matrix(bin_dir: str | os.PathLike, gguf: str | os.PathLike, text: str | os.PathLike,
                       out: str | os.PathLike, chunks: int, context: int = 2048, timeout: float = 7200) -> str:
     """``llama-imatrix`` of ``gguf`` over the first ``chunks`` x ``context`` tokens of the text file ``text`` (on a
     2-core CPU 128 chunks of SmolLM2 take about half an hour; on a GPU seconds)."""
-    part = Path(f"{out}.part.gguf")  # renamed once complete (llama-imatrix picks its format by the suffix)
+    # renamed once complete, like atomic_file's, but ending in .gguf: llama-imatrix picks its format by the suffix
+    part = Path(f"{out}.part.gguf")
     log = run(bin_dir, "llama-imatrix", "-m", gguf, "-f", text, "-o", part, "-c", context, "--chunks", chunks,
               "-ngl", 99, timeout=timeout)
     os.replace(part, out)

@@ -43,14 +43,24 @@ def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def llama_cpp_rows(model: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
-    """Llama's q/k rows in llama.cpp's rotary order (its converter's permute); other tensors, and every tensor of
-    a Qwen2 (NEOX rotary, HF's order), as they are."""
+    """Layer ``name``'s rows in llama.cpp's order: a Llama's q/k in its rotary order (its converter's permute);
+    other tensors, and every tensor of a Qwen2 (NEOX rotary, HF's order), as they are."""
+    heads = _rotary_heads(model, name)
+    return weight if heads is None else permute_rows(weight, heads)
+
+
+def hf_rows(model: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``llama_cpp_rows``: layer ``name``'s rows as the GGUF holds them, back in HF's order."""
+    heads = _rotary_heads(model, name)
+    return weight if heads is None else unpermute_rows(weight, heads)
+
+
+def _rotary_heads(model: nn.Module, name: str) -> int | None:
+    """The heads whose rows llama.cpp interleaves in layer ``name`` (a Llama's q_proj / k_proj), else None."""
     config = model.config
     if config.model_type != "llama":
-        return weight
-    if name.endswith("q_proj"):
-        return permute_rows(weight, config.num_attention_heads)
-    return permute_rows(weight, config.num_key_value_heads) if name.endswith("k_proj") else weight
+        return None
+    return {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(name.rsplit(".", 1)[-1])
 
 
 def bias_tensor(model: nn.Module, name: str, bias: torch.Tensor | None) -> list[tuple[str, np.ndarray, Any]]:

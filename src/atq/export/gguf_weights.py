@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import q2_0
-from .gguf_layout import gguf_name, unpermute_rows
+from .gguf_layout import gguf_name, hf_rows, unpermute_rows
 from .gguf_metadata import ExportError
 from .gguf_read import GGUFTensor, read_gguf
 
@@ -49,7 +49,7 @@ def load_gguf_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, in
     _, tensors = read_gguf(path)
     config = model.config
     parameters = dict(model.named_parameters(remove_duplicate=False))
-    by_gguf = {gguf_name(name.rsplit(".", 1)[0]) + "." + name.rsplit(".", 1)[1]: name for name in parameters}
+    by_gguf = {f"{gguf_name(layer)}.{leaf}": name for name in parameters for layer, leaf in [name.rsplit(".", 1)]}
     if "output.weight" in tensors and model.lm_head.weight is model.get_input_embeddings().weight:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
         config.tie_word_embeddings = False
@@ -61,8 +61,7 @@ def load_gguf_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, in
     for name, tensor in tensors.items():
         target = model.get_parameter(by_gguf[name])
         value = torch.from_numpy(dequantized(tensor))
-        heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(name.split(".")[-2])
-        value = unpermute_rows(value, heads) if heads and config.model_type == "llama" else value
+        value = hf_rows(model, by_gguf[name].rsplit(".", 1)[0], value)
         if value.shape != target.shape:
             raise ExportError(f"{path}: tensor {name} has shape {tuple(value.shape)}, the model's {by_gguf[name]} "
                               f"{tuple(target.shape)}")
