@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from cards import device_name
 from ptq_table import METHODS  # the recipes, named as in results/ptq_smollm2.json
 
 from atq import load_model, load_quantized, save_quantized
@@ -79,8 +80,8 @@ def main() -> int:
                if not args.only or any(text in name for text in args.only)}
     fp_model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
     windows = token_windows(tokenizer, load_text("wikitext2"), 2048, args.max_windows)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    report = {"model": args.model, "device": device_name, "seq_len": 2048, "windows": int(windows.shape[0]),
+    card = device_name(args.device)
+    report = {"model": args.model, "device": card, "seq_len": 2048, "windows": int(windows.shape[0]),
               "fp": fp_reference(fp_model, windows, args.device), "rows": []}
     for name, config in configs.items():
         measured = measure_recipe(fp_model, config, windows, tokenizer=tokenizer, device=args.device, keep_model=True)

@@ -1,6 +1,7 @@
 """End-to-end decode speed: packed ternary vs bf16 in transformers, batch 1 and 16 -> results/decode_<gpu>.json.
 
-    python benchmarks/decode.py [--shape llama3-8b] [--new-tokens 128] [--compile] [--modes eager graph compiled]
+    python benchmarks/decode.py [--shape llama3-8b] [--new-tokens 128] [--compile] [--modes eager graph compiled compiled-cd]
+                                [--variants bf16 ternary ternary-q8 reference]
                                 [--gguf PATH] [--out results/decode_<gpu>.json] [--merge]
 
 Greedy decoding with a static KV cache after a 32-token prompt; one step is one forward of one token per sequence.
@@ -9,7 +10,9 @@ allocates: cache, graph pool, activations). Each model is timed stepping eagerly
 graph per step (the graph holds every kernel of a forward, so Python and launch costs vanish: how a serving loop
 runs small models); ``--compile`` adds the step compiled by ``torch.compile`` (inductor fuses the norms, rotary
 embeddings and activations around the matmuls; the Triton product is one opaque operator) inside the graph.
-``--modes`` times only those step modes; with ``--merge`` the model's rows of the other modes stay (an 8B model's
+``compiled-cd`` compiles with inductor's coordinate-descent tuning (each reduction's tiles tuned; a batch-1 matmul
+becomes one reduction, so the Q8_0 head reads int8). ``--modes`` times only those step modes, ``--variants`` only
+those models; with ``--merge`` the model's rows not timed again stay (an 8B model's
 compiled rows fit one 10-minute device call, not all of its rows).
 
 Models: the FP model in bf16; the ternary model (groups of 64, weight-only, data-free: speed does not depend on
@@ -25,17 +28,18 @@ import argparse
 import copy
 import json
 import os
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from cards import device_name, results_path
 from random_llama import SHAPES, random_llama
 from transformers import StaticCache
 
 from atq import QuantConfig, load_model, quantize, smollm2
+from atq.embedding import quantize_embeddings
 from atq.export.gguf import export_gguf
 from atq.files import write_json
 from atq.stats import markdown_table
@@ -43,13 +47,8 @@ from atq.stats import markdown_table
 PROMPT = 32
 WARMUP = 3
 BATCHES = (1, 16)
-
-
-def results_path(stem: str) -> str:
-    """results/<stem>_<gpu>.json for the GPU this runs on (h100, h200, ...): timings are per card."""
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    card = next((short for short in ("h200", "h100", "a100", "l40s") if short in name.lower()), None)
-    return f"results/{stem}_{card or re.sub(r'[^a-z0-9]+', '_', name.lower())}.json"
+MODES = ("eager", "graph", "compiled", "compiled-cd")
+VARIANTS = ("bf16", "ternary", "ternary-q8", "reference")
 
 
 def model_bytes(model) -> int:
@@ -73,7 +72,8 @@ def decode(model, batch: int, new_tokens: int, mode: str) -> dict:
     logits = model(prompt, past_key_values=cache, cache_position=torch.arange(PROMPT, device=device)).logits
     token = logits[:, -1:].argmax(-1)
     position = torch.tensor([PROMPT], device=device)
-    forward = torch.compile(model, dynamic=False) if mode == "compiled" else model
+    options = {"coordinate_descent_tuning": True} if mode == "compiled-cd" else None
+    forward = torch.compile(model, dynamic=False, options=options) if mode.startswith("compiled") else model
 
     def step() -> None:
         out = forward(token, past_key_values=cache, cache_position=position, use_cache=True).logits
@@ -137,10 +137,12 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
     parser.add_argument("--gguf", default=None, help="export the ternary model here (Q2_0) for llama.cpp")
     parser.add_argument("--out", default=None, help="default: results/decode_<gpu>.json")
-    parser.add_argument("--modes", nargs="+", choices=("eager", "graph", "compiled"), default=None,
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
                         help="step modes to time (default: eager and graph, and compiled with --compile)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                        help="models to time (default: all; the torch reference kernel on small models only)")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the other models' entries of --out, and this model's rows of modes not timed now")
+                        help="keep the other models' entries of --out, and this model's rows not timed again")
     args = parser.parse_args()
     args.modes = tuple(args.modes or ("eager", "graph") + (("compiled",) if args.compile else ()))
     if not torch.cuda.is_available():
@@ -151,11 +153,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as args.tmp:
         name, fp, ternary, metadata = build_models(args)
         earlier = results.get(name, {})
-        if (earlier.get("device"), earlier.get("new_tokens")) != (torch.cuda.get_device_name(), args.new_tokens):
+        if (earlier.get("device"), earlier.get("new_tokens")) != (device_name(), args.new_tokens):
             earlier = {}  # rows of another card or length are not merged into this one's
         results[name] = entry = earlier | {  # llama_cpp_decode.py's rows and an earlier export stay
-            "device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens,
-            "rows": [row for row in earlier.get("rows", []) if row["mode"] not in args.modes]}
+            "device": device_name(), "new_tokens": args.new_tokens,
+            "rows": earlier.get("rows", [])}
         if args.gguf:  # first: llama.cpp's rows need the file even if the timings below are cut short
             start = time.perf_counter()
             report = export_gguf(ternary, args.gguf, embedding="q8_0", **metadata)
@@ -163,21 +165,41 @@ def main() -> int:
                              "bits_per_ternary_weight": report["bits_per_ternary_weight"],
                              "fallback": len(report["fallback"]), "export_seconds": time.perf_counter() - start}
             print(entry["gguf"], file=sys.stderr, flush=True)
-        measure(args, fp, ternary, lambda row: (entry["rows"].append(row), write_json(args.out, results)))
+        def record(row: dict) -> None:  # a row timed again replaces the earlier one; the others stay
+            key = lambda r: (r["model"], r["mode"], r["batch"])
+            entry["rows"] = [r for r in entry["rows"] if key(r) != key(row)] + [row]
+            write_json(args.out, results)
+
+        measure(args, fp, ternary, record)
         print(table(name, entry["rows"]), flush=True)
     return 0
+
+
+def q8_head(ternary):
+    """A copy of the ternary model with the embedding and LM head in Q8_0 blocks: the very weights of the GGUF
+    export (llama.cpp reads 8.5 bits a weight of the head where bf16 reads 16: a third of an 8B model's bytes a
+    step). Compiled with coordinate-descent tuning, inductor turns the batch-1 head into one reduction that reads
+    the int8 codes and scales directly (its matrix-vector decomposition); without it the head dequantizes to bf16
+    first."""
+    model = copy.deepcopy(ternary)
+    quantize_embeddings(model, "q8_0")
+    return model
 
 
 def measure(args: argparse.Namespace, fp, ternary, record) -> list[dict]:
     """Every (model, step mode, batch) row; ``record`` gets each row as it is measured (written at once, so a run cut
     short keeps what it timed)."""
     small = args.shape is None or args.shape == "tiny"
-    variants = [("bf16", fp, "reference"), ("ternary, Triton", ternary, "triton")]
-    variants += [("ternary, torch reference", ternary, "reference")] if small else []
+    chosen = args.variants or [v for v in VARIANTS if small or v != "reference"]
+    variants = [(label, model(), kernel) for key, label, model, kernel in (
+        ("bf16", "bf16", lambda: fp, "reference"),
+        ("ternary", "ternary, Triton", lambda: ternary, "triton"),
+        ("ternary-q8", "ternary, Triton, Q8_0 embedding + head", lambda: q8_head(ternary), "triton"),
+        ("reference", "ternary, torch reference", lambda: ternary, "reference")) if key in chosen]
     rows = []
     for label, model, kernel in variants:
         os.environ["ATQ_KERNEL"] = kernel
-        for mode in [m for m in args.modes if kernel == "triton" or label == "bf16" or m != "compiled"]:
+        for mode in [m for m in args.modes if kernel == "triton" or label == "bf16" or not m.startswith("compiled")]:
             for batch in BATCHES:
                 row = {"model": label, "batch": batch, "mode": mode}
                 try:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import llama_cpp_tools
-from decode import results_path
+from cards import results_path
 
 from atq.files import write_json
 from atq.stats import markdown_table

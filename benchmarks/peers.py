@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import llama_cpp_tools
 import torch
+from cards import device_name
 
 from atq import load_model, load_quantized
 from atq.bundled import BUNDLES
@@ -50,6 +52,7 @@ from atq.stats import markdown_table
 
 CALIBRATION_CHUNKS = 128  # ATQ's calibration: 128 windows of 2048 tokens of the validation text
 OUT = {"smollm2": "results/peers_smollm2.json", "qwen2.5-coder-1.5b": "results/peers_qwen25_coder_1p5b.json"}
+F16 = "F16 (the FP weights)"
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -78,8 +81,12 @@ def score(path: Path, fp_model, windows: torch.Tensor, device: str) -> dict:
     load_gguf_weights(model, path)
     result = {"ppl_atq": evaluate_windows(model.to(device), windows, quiet=True)["ppl"]}
     del model
-    result |= _isolated(_llama_cpp_score, path, windows)
-    return result
+    llama_cpp = _isolated(_llama_cpp_score, path, windows)
+    if "llama_cpp_error" in llama_cpp and device.startswith("cuda"):  # the same build on the CPU, recorded as such
+        crashed = llama_cpp["llama_cpp_error"]
+        llama_cpp = _isolated(_llama_cpp_score, path, windows, env={"CUDA_VISIBLE_DEVICES": ""})
+        llama_cpp |= {"llama_cpp_device": "cpu", "llama_cpp_gpu_error": crashed}
+    return result | llama_cpp
 
 
 def _llama_cpp_score(path: Path, windows: torch.Tensor) -> dict:
@@ -94,21 +101,34 @@ def _llama_cpp_score(path: Path, windows: torch.Tensor) -> dict:
         return {"llama_cpp_error": f"{type(error).__name__}: {error}"[:300]}
 
 
-def _child(queue: multiprocessing.Queue, function: Callable[..., dict], *args: object) -> None:
+def _child(queue: multiprocessing.Queue, env: dict[str, str], function: Callable[..., dict], *args: object) -> None:
+    os.environ.update(env)
+    faulthandler.enable()  # a crash prints the Python stack it happened under to the log
     queue.put(function(*args))
 
 
-def _isolated(function: Callable[..., dict], *args: object) -> dict:
-    """``function(*args)`` in a child process: a crash inside llama.cpp (a segfault of llama-cpp-python over a CUDA
-    build, seen on an H100) becomes an error row instead of ending the run and every row measured before it."""
+def _isolated(function: Callable[..., dict], *args: object, env: dict[str, str] | None = None) -> dict:
+    """``function(*args)`` in a child process with ``env`` added to its environment: a crash inside llama.cpp (a
+    segfault of llama-cpp-python over a CUDA build, seen on an H100) becomes an error row instead of ending the run
+    and every row measured before it."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_child, args=(queue, function, *args))
+    child = context.Process(target=_child, args=(queue, env or {}, function, *args))
     child.start()
     child.join()
     if child.exitcode != 0:
         return {"llama_cpp_error": f"llama-cpp-python's process ended with exit code {child.exitcode}"}
     return queue.get()
+
+
+def write(args: argparse.Namespace, previous: dict, rows: list[dict], windows: int, imatrix_seconds: float | None,
+          calibration: Path) -> None:
+    """--out with the rows scored so far, after --merge's earlier rows of files not scored now."""
+    scored = {row["file"] for row in rows}
+    merged = [row for row in previous.get("rows", []) if row["file"] not in scored] + rows
+    calibration_note = f"{calibration.name}, {args.chunks} x 2048 tokens" if args.types else previous.get("calibration")
+    write_json(args.out, {"model": BUNDLES[args.model].title, "windows": windows, "seq_len": 2048,
+                          "calibration": calibration_note, "imatrix_seconds": imatrix_seconds, "rows": merged})
 
 
 def main() -> int:
@@ -134,8 +154,10 @@ def main() -> int:
     fp_model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
     windows = token_windows(tokenizer, load_text("wikitext2"), 2048, args.windows)
     calibration = Path(os.environ.get("ATQ_DATA_DIR", "../shared/data")) / "wikitext2_valid_tokenized.txt"
+    if previous and previous.get("windows") != len(windows):
+        raise SystemExit(f"--merge: {args.out} was scored on {previous.get('windows')} windows, not {len(windows)}")
     rows = []
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    card = device_name(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -148,7 +170,9 @@ def main() -> int:
             start = time.perf_counter()
             llama_cpp_tools.importance_matrix(args.llama_cpp, f16, calibration, imatrix, args.chunks)
             imatrix_seconds = time.perf_counter() - start
-        files, exported = {"F16 (the FP weights)": f16}, {}
+        scored_before = {row["file"] for row in previous.get("rows", [])}
+        files = {F16: f16} if args.types or F16 not in scored_before else {}  # the reference, scored once
+        exported = {}
         for kind in args.types:
             files[f"llama.cpp {kind}, imatrix"] = work / f"{kind}.gguf"
             if not files[f"llama.cpp {kind}, imatrix"].is_file():
@@ -162,15 +186,9 @@ def main() -> int:
                 exported[label] = {"artifact": str(path), "fallback_tensors": len(report["fallback"])}
         for label, path in files.items():
             rows.append({"file": label, **file_stats(path), **score(path, fp_model, windows, args.device),
-                         **exported.get(label, {}), "device": device_name})
+                         **exported.get(label, {}), "device": card})
             print(rows[-1], file=sys.stderr, flush=True)
-    if previous and previous.get("windows") != len(windows):
-        raise SystemExit(f"--merge: {args.out} was scored on {previous.get('windows')} windows, not {len(windows)}")
-    scored = {row["file"] for row in rows}
-    rows = [row for row in previous.get("rows", []) if row["file"] not in scored] + rows
-    calibration_note = f"{calibration.name}, {args.chunks} x 2048 tokens" if args.types else previous.get("calibration")
-    write_json(args.out, {"model": BUNDLES[args.model].title, "windows": len(windows), "seq_len": 2048,
-                          "calibration": calibration_note, "imatrix_seconds": imatrix_seconds, "rows": rows})
+            write(args, previous, rows, len(windows), imatrix_seconds, calibration)  # each row as it is scored
     print(markdown_table(["file", "linear types", "bits/weight (all)", "bits/linear weight", "MB", "ppl ATQ loop",
                           "ppl llama.cpp"],
                          [[r["file"], ", ".join(f"{n} {k}" for k, n in r["linear_types"].items()),

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from cards import device_name
 
 from atq import QuantConfig, load_model, save_quantized
 from atq.data import load_text, token_windows
@@ -112,11 +113,11 @@ def main() -> int:
         raise SystemExit(f"--save keeps one artifact: select exactly one method (--only ... --exact), got {len(selected)}")
     fp_model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
     windows = token_windows(tokenizer, load_text(args.data), args.seq_len, args.max_windows)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    card = device_name(args.device)
 
     fp = fp_reference(fp_model, windows, args.device)
     report = {"model": args.model if args.model != "smollm2" else "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
-              "device": device_name, "seq_len": args.seq_len, "windows": int(windows.shape[0]),
+              "device": card, "seq_len": args.seq_len, "windows": int(windows.shape[0]),
               "fp_ppl": fp["ppl"]}
     previous = json.loads(Path(args.out).read_text())["rows"] if args.merge and Path(args.out).exists() else []
     rows = [{"method": "FP32", "config": {"dtype": "float32"}, "ppl": fp["ppl"], "bits_per_weight": 32.0,

@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from cards import device_name
 
 from atq import QuantConfig, load_model, load_quantized, save_quantized
 from atq.config import COMPILE_MODES, ROTATIONS
@@ -175,7 +176,7 @@ def main() -> int:
     meta["curve"].append([minutes, ppl(student, curve_test)])
     result = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "device": device_name(args.device),
         "minutes": minutes, "steps": done, "planned_steps": config.steps, "tokens": history[-1]["tokens"], "tokens_per_s": rates[len(rates) // 2],
         "ppl_start": meta["ppl_start"], "ppl_end": ppl_end, "fp_ppl": meta["fp_ppl"],
         "bits_per_weight": stats["bits_per_weight"], "curve": meta["curve"],

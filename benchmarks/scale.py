@@ -1,10 +1,13 @@
 """Calibrated PTQ at scale: a Llama-3-8B-shaped model (random weights: the shape is what costs time and memory),
 all 32 blocks, fp32 during calibration (the artifact's FP parts are bf16), with the whole model on the GPU and with sequential onloading (the model in CPU
 memory, one block at a time on the GPU); one Llama-3-70B-shaped block timed the same way and the whole model
-projected -> results/scale_h200.json.
+projected -> results/scale_<gpu>.json.
 
     python benchmarks/scale.py [--runs 8b-gpu 8b-onload 70b-block] [--windows 128 --seq-len 2048] [--out FILE]
     python benchmarks/scale.py --shape tiny --windows 4 --seq-len 64 --runs 8b-onload   # smoke test, any machine
+
+Each run is written when it ends; runs of an earlier call on the same card and settings stay in --out unless run
+again (the three runs need not fit one device call).
 
 The recipe: groups of 64, GPTQ compensation and block reconstruction (``--reconstruct-steps``, default 96); end-to-end
 tuning is a separate stage that needs the whole model (not run here). Calibration windows are random tokens (their
@@ -14,11 +17,14 @@ content does not change the cost). Peak GPU memory from torch, peak CPU memory f
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
+from cards import device_name, results_path
 from random_llama import SHAPES, random_llama
 
 from atq import QuantConfig, quantize
@@ -58,24 +64,27 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--reconstruct-steps", type=int, default=96)
-    parser.add_argument("--out", default="results/scale_h200.json")
+    parser.add_argument("--out", default=None, help="default: results/scale_<gpu>.json")
     args = parser.parse_args()
+    args.out = args.out or results_path("scale")
     gpu = "cuda" if torch.cuda.is_available() else "cpu"
     big = "tiny" if args.shape == "tiny" else "llama3-8b"
     huge = "tiny" if args.shape == "tiny" else "llama3-70b"
-    rows = []
-    for name in args.runs:
+    header = {"device": device_name(), "windows": args.windows, "seq_len": args.seq_len,
+              "reconstruct_steps": args.reconstruct_steps, "shape": args.shape}
+    earlier = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    same = all(earlier.get(key) == value for key, value in header.items())
+    rows = [row for row in earlier.get("rows", []) if row["run"] not in args.runs] if same else []
+    for name in args.runs:  # each run is written as soon as it ends: a call cut short keeps the runs before
         if name == "8b-gpu":
-            rows.append(run(name, big, None, gpu, args))
+            row = run(name, big, None, gpu, args)
         elif name == "8b-onload":
-            rows.append(run(name, big, None, "cpu", args))
+            row = run(name, big, None, "cpu", args)
         else:  # one block of the 70B shape (embedding and head included once), projected to all of its blocks
             row = run(name, huge, 1, "cpu", args)
             row["projected_seconds_all_blocks"] = row["seconds"] * SHAPES[huge]["num_hidden_layers"]
-            rows.append(row)
-    write_json(args.out, {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                          "windows": args.windows, "seq_len": args.seq_len,
-                          "reconstruct_steps": args.reconstruct_steps, "shape": args.shape, "rows": rows})
+        rows.append(row)
+        write_json(args.out, header | {"rows": rows})
     return 0
 
 

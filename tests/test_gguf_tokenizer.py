@@ -12,10 +12,14 @@ gguf = pytest.importorskip("gguf")
 WORDS = [f"word{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(PROBE_WORDS + 8)]
 
 
-def vocab_gguf(path, add_bos: bool = True):
-    """A metadata-only GGUF with a SentencePiece vocabulary: specials, pieces, and whole words marked by ▁."""
-    tokens = ["<pad>", "<eos>", "<bos>", "a", "b", *[f"\u2581{w}" for w in WORDS], "\u2581ab"]
-    writer = gguf.GGUFWriter(path, "llama")
+def vocab_gguf(path, add_bos: bool = True, architecture: str = "llama"):
+    """A metadata-only GGUF with a SentencePiece vocabulary: specials, pieces, and whole words marked by ▁, in
+    an order from which BPE merges follow (every token after the two pieces it joins: ▁ + w, ▁w + o, ...)."""
+    letters = [chr(97 + i) for i in range(26)]
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\u2581", *letters, "\u2581x", "\u2581w", "\u2581wo",
+              "\u2581wor", "\u2581word", *[f"\u2581word{c}" for c in "abc"], *[f"\u2581{w}" for w in WORDS], "\u2581ab",
+              "yz", "xy"]  # " xyz" is ▁x + yz when merges follow the file's order, ▁ + xy + z when they run backwards
+    writer = gguf.GGUFWriter(path, architecture)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_add_bos_token(add_bos)
@@ -67,6 +71,42 @@ def test_a_tokenizer_that_adds_bos_the_file_does_not_ask_for_is_corrected(tmp_pa
 
 def test_a_tokenizer_that_splits_the_vocabularys_words_is_refused(tmp_path):
     path, tokens = vocab_gguf(tmp_path / "v.gguf")
+    letters = sum(map(len, probe_words(tokens, "llama")))  # the imitation's one token a letter
     with pytest.raises(ValueError, match=rf"encodes {PROBE_WORDS} whole-word tokens of its own vocabulary .* as "
-                                         rf"{6 * PROBE_WORDS} tokens; llama.cpp encodes each as one"):
+                                         rf"{letters} tokens; llama.cpp encodes each as one"):
         match_gguf_tokenizer(Tokenizer(tokens, whole=False), path)
+
+
+def test_a_gemma_tokenizer_that_splits_words_is_rebuilt_from_the_file(tmp_path, caplog):
+    """transformers 5.17's Gemma conversion (imitated: letter by letter) is replaced by the BPE tokenizer 5.25
+    builds: each word comes out as the file's own token for it, and BOS opens sequences as the file asks."""
+    path, tokens = vocab_gguf(tmp_path / "g.gguf", add_bos=True, architecture="gemma3")
+    tokenizer = match_gguf_tokenizer(Tokenizer(tokens, whole=False), path)
+    assert not isinstance(tokenizer, Tokenizer)
+    words = WORDS[:5] + ["word"]
+    assert tokenizer(" " + " ".join(words))["input_ids"] == [2] + [tokens.index(f"\u2581{w}") for w in words]
+    assert tokenizer(" xyz", add_special_tokens=False)["input_ids"] == [tokens.index("\u2581x"), tokens.index("yz")]
+    assert "rebuilt from the file as transformers 5.25 does" in caplog.text
+
+
+def test_the_rebuilt_gemma_tokenizer_encodes_as_llama_cpp_does():
+    """On the real Gemma 3 GGUF (``ATQ_GGUF_GEMMA3_270M``): the ids of WikiText-2 text equal llama.cpp's own
+    tokenization of it (llama-cpp-python, vocabulary only), BOS included."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from atq.data import load_text
+    from atq.gguf_tokenizer import _fields, gemma_tokenizer
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (a llama.cpp build)")
+    path = os.environ.get("ATQ_GGUF_GEMMA3_270M")
+    if not path:
+        pytest.skip("set ATQ_GGUF_GEMMA3_270M to the Gemma 3 270M GGUF")
+    fields = _fields(path, ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"))
+    tokenizer = gemma_tokenizer(fields, AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                                       gguf_file=os.path.basename(path)))
+    tokenizer.add_bos_token = True
+    text = load_text("wikitext2")[:20000]
+    reference = llama_cpp.Llama(path, vocab_only=True, verbose=False).tokenize(text.encode(), add_bos=True)
+    assert tokenizer(text)["input_ids"] == reference

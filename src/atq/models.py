@@ -64,7 +64,7 @@ def load_model(
             raise ValueError(f"{path}: holds tensor types transformers' GGUF reader does not know ({error}); an "
                              "ATQ export (Q2_0 blocks) runs in llama.cpp: load the ATQ artifact it came from") from error
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        match_gguf_tokenizer(tokenizer, path)  # transformers' conversion has differed from the file (Gemma 3)
+        tokenizer = match_gguf_tokenizer(tokenizer, path)  # transformers' conversion has differed (Gemma 3)
     else:
         model, tokenizer = _from_directory_or_hub(path, source)
     model.to(device=device or "cpu", dtype=dtype).eval()
