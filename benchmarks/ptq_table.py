@@ -2,6 +2,7 @@
 
     python benchmarks/ptq_table.py [--model smollm2] [--out results/ptq_smollm2.json] [--max-windows N]
                                    [--only TEXT ...] [--set FIELD=VALUE ...] [--merge] [--save DIR]
+                                   [--fp-from EARLIER.json]
 
 Rows: FP32, the seed preset, per-row and per-group(64) scales at 50% sparsity, MSE-optimal thresholds, then the
 calibrated recipes (GPTQ compensation, block reconstruction, trit-planes, mixed precision, Hadamard rotation,
@@ -14,6 +15,7 @@ artifact of the one method run (for exports and llama.cpp checks of the very mod
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -73,7 +75,8 @@ METHODS += [
                         end_to_end_steps=64, calibration_windows=64)),
     ("group 64, Hadamard rotation, calibrated + compensation + block reconstruction + end-to-end",
      CALIBRATED.replace(reconstruct_steps=96, rotation="hadamard", end_to_end_steps=128)),
-    # the best recipes without the rotation, for models it cannot rotate (Gemma's norms after each sub-layer)
+    # the best recipes without the rotation: where a runtime must run the model without hooks (a rotated
+    # Gemma rotates each post-norm's output at run time), and what Gemma 3 270M was first measured with
     ("group 64, calibrated + compensation + block reconstruction + end-to-end",
      CALIBRATED.replace(reconstruct_steps=96, end_to_end_steps=128)),
     ("group 128, 2 planes base-3, calibrated + compensation + block reconstruction + end-to-end",
@@ -103,6 +106,9 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of methods not run now from an existing --out file (the whole table "
                              "takes longer than one 10-minute device call)")
+    parser.add_argument("--fp-from", default=None, metavar="FILE",
+                        help="take the FP32 row from this earlier results file instead of evaluating the FP model "
+                             "again (its windows must be these: checked by their sha256)")
     parser.add_argument("--save", default=None, metavar="DIR", help="save the artifact of the one method run")
     parser.add_argument("--save-embedding", default="fp", choices=("fp", "q8_0", "q4_0"),
                         help="store the saved artifact's embedding (and tied head) so (the row measured it as is)")
@@ -115,10 +121,11 @@ def main() -> int:
     windows = token_windows(tokenizer, load_text(args.data), args.seq_len, args.max_windows)
     card = device_name(args.device)
 
-    fp = fp_reference(fp_model, windows, args.device)
+    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+    fp = earlier_fp(args.fp_from, digest) if args.fp_from else fp_reference(fp_model, windows, args.device)
     report = {"model": args.model if args.model != "smollm2" else "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
               "device": card, "seq_len": args.seq_len, "windows": int(windows.shape[0]),
-              "fp_ppl": fp["ppl"]}
+              "windows_sha256": digest, "fp_ppl": fp["ppl"]}
     previous = json.loads(Path(args.out).read_text())["rows"] if args.merge and Path(args.out).exists() else []
     rows = [{"method": "FP32", "config": {"dtype": "float32"}, "ppl": fp["ppl"], "bits_per_weight": 32.0,
              "artifact_bytes": fp["artifact_bytes"], "quant_seconds": 0.0, "token_accuracy": fp["token_accuracy"]}]
@@ -137,6 +144,17 @@ def main() -> int:
         write_json(args.out, report | {"rows": merged(rows, previous)})  # a run cut short keeps what it measured
     print(table(report | {"rows": merged(rows, previous)}))
     return 0
+
+
+def earlier_fp(path: str, digest: str) -> dict:
+    """The FP32 row of an earlier run on the very same windows (the FP model's perplexity does not change between
+    runs; evaluating it again costs a minute of GPU time per run on a 1.5B model)."""
+    report = json.loads(Path(path).read_text())
+    if report.get("windows_sha256") != digest:
+        raise SystemExit(f"--fp-from {path}: its windows are not these (sha256 {report.get('windows_sha256')} vs "
+                         f"{digest}): evaluate the FP model (drop --fp-from)")
+    row = next(row for row in report["rows"] if row["method"] == "FP32")
+    return {"ppl": row["ppl"], "artifact_bytes": row["artifact_bytes"], "token_accuracy": row["token_accuracy"]}
 
 
 def selected_methods(args: argparse.Namespace) -> list[tuple[str, QuantConfig]]:

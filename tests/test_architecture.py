@@ -13,7 +13,7 @@ SIZE_EXEMPT = {"kernels/triton.py"}  # Triton kernels: inlined PTX and tile loop
 # A module imports only from modules of a lower rank (ARCHITECTURE.md's layers, bottom first); the files of a
 # subpackage (kernels/, export/) count as one unit. Imports under ``if TYPE_CHECKING`` are for annotations only.
 RANKS = {
-    "checks": 0, "packing": 0, "files": 0, "distributed": 0, "onload": 0,
+    "checks": 0, "packing": 0, "files": 0, "distributed": 0, "onload": 0, "orthogonal": 0,
     "bundled": 1, "gguf_tokenizer": 1,
     "config": 1,
     "ternary": 1,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from atq import QuantConfig, load_quantized, quantize, save_quantized
-from atq.rotation import check_rotatable, folded_stream, hadamard, random_rotation, rotate_model
+from atq.orthogonal import hadamard, random_rotation
+from atq.rotation import check_rotatable, folded_stream, rotate_model
 
 from .conftest import make_llama
 
@@ -173,11 +174,53 @@ def test_the_stream_enters_as_the_folded_table_bit_for_bit():
     assert ((entered - expected).abs() <= ulp).all()
 
 
-def test_a_gemma3_model_is_refused_naming_its_post_norms_and_the_fix():
-    """Gemma normalises each branch's output before the residual add: no rotation folds through that."""
+def make_gemma3(seed: int = 2, hidden: int = 48):
+    """A tiny Gemma 3 with norm weights away from 0 (Gemma scales by 1 + w), so folding them is exercised."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16))
-    with pytest.raises(ValueError, match=r"post_feedforward_layernorm.*without rotation \(rotation='none'\)"):
-        check_rotatable(model)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=8, max_position_embeddings=256))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) - 0.5)
+    return model.eval()
+
+
+def test_a_rotated_gemma3_computes_the_same_function():
+    """Gemma normalises each sub-layer's output before the residual add: the readers are rotated, the writers are
+    not, and each post-norm's output joins the rotated stream through a hook."""
+    model, rotated = make_gemma3().double(), make_gemma3().double()
+    rotate_model(rotated, "hadamard")
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    before, after = model.model.layers[0], rotated.model.layers[0]
+    assert not torch.allclose(after.self_attn.q_proj.weight, before.self_attn.q_proj.weight)
+    assert not torch.allclose(after.mlp.up_proj.weight, before.mlp.up_proj.weight)
+    torch.testing.assert_close(after.mlp.down_proj.weight, before.mlp.down_proj.weight, rtol=0, atol=0)
+    for name in ("input_layernorm", "pre_feedforward_layernorm"):  # unit gain: w = 0 in Gemma's 1 + w
+        assert float(after.get_submodule(name).weight.abs().max()) == 0
+    assert float(rotated.model.norm.weight.abs().max()) == 0
+    for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+        assert torch.equal(after.get_submodule(name).weight, before.get_submodule(name).weight)
+    from atq.rotation import folded_stream
+
+    with pytest.raises(ValueError, match="post-norms .* at run time"):
+        folded_stream(rotated)
+
+
+def test_a_quantized_rotated_gemma3_round_trips(tmp_path, char_tokenizer):
+    """The post-norm hooks come back with the artifact (loading attaches them as quantizing did)."""
+    model, original = make_gemma3(seed=3), make_gemma3(seed=3)
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantize(model, QuantConfig(rotation="hadamard", group_size=16), calibration=windows)
+    save_quantized(model, tmp_path / "artifact", char_tokenizer, dtype="float32")
+    loaded = load_quantized(tmp_path / "artifact")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(windows).logits, model(windows).logits, rtol=0, atol=0)
+        drift = (model(windows).logits - original(windows).logits).abs().mean()
+        assert float(drift) < float(original(windows).logits.abs().mean())

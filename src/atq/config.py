@@ -123,8 +123,8 @@ class QuantConfig:
                               "BitNet runtimes do", choice(("fp", "int8")))
     embedding: str = _field("fp", "fp, or q8_0 / q4_0: the embedding and LM head in llama.cpp's 8 / 4-bit blocks",
                             choice(EMBEDDINGS))
-    rotation: str | None = _field(None, "rotate a Llama-family model first by orthogonal matrices fused into its "
-                                  "weights (same function, outliers spread over every group)",
+    rotation: str | None = _field(None, "rotate a Llama-family or Gemma model first by orthogonal matrices fused "
+                                  "into its weights (same function, outliers spread over every group)",
                                   choice(ROTATIONS, optional=True))
     calibration: Calibration | None = dataclasses.field(default=None, metadata=_stage(Calibration))
     reconstruction: Reconstruction | None = dataclasses.field(default=None, metadata=_stage(Reconstruction))

@@ -18,8 +18,15 @@ group ("incoherence processing", QuIP), while the model's output stays the same 
 
 down_proj's input is not rotated: that needs an online rotation at inference (QuaRot's online Hadamard).
 
+Gemma (norms after each sub-layer too: ``h + post_norm(attn(input_norm(h)))``): the layers that read the stream
+(q/k/v after ``input_layernorm``, gate/up after ``pre_feedforward_layernorm``) are rotated as above and the values
+per head by R, but o and down are not: they write into a post-norm, whose gain does not commute with Q. Instead
+each post-norm's output enters the rotated stream by a forward hook (·Q, one d x d product per sub-layer and token:
+an online rotation, so the model cannot be folded for a runtime without hooks). Gemma's norms scale by 1 + w, so a
+unit gain is w = 0.
+
 Rotations: ``hadamard`` (a Hadamard matrix times random signs, scaled to be orthogonal: the flattest mixing,
-which SpinQuant found better than random orthogonal) for widths with a construction here (2^k, 12·2^k,
+which SpinQuant found better than random orthogonal) for widths with a construction (``atq.orthogonal``: 2^k, 12·2^k,
 144·2^k; SmolLM2's 576 = 144·4), else ``orthogonal`` (QR of a Gaussian matrix), both from a fixed seed.
 """
 
@@ -32,53 +39,33 @@ from torch import nn
 
 from .config import ROTATIONS
 from .layers import FixedDtypeBuffers
+from .orthogonal import random_rotation
 from .surgery import LLAMA_LINEARS, decoder_blocks
 
 _NORM_SUFFIX = "RMSNorm"
 _PROJECTIONS = tuple(LLAMA_LINEARS)
+_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # Gemma: after each sub-layer
+_GEMMA_NORMS = ("input_layernorm", *_POST_NORMS, "pre_feedforward_layernorm")
 
 
-def _sylvester(n: int) -> torch.Tensor:
-    matrix = torch.ones(1, 1, dtype=torch.float64)
-    while matrix.shape[0] < n:
-        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
-    return matrix
+def _post_normed(layer: nn.Module) -> bool:
+    """Whether ``layer`` normalises each sub-layer's output before the residual add (Gemma 2 and 3)."""
+    return hasattr(layer, "post_feedforward_layernorm")
 
 
-def _paley12() -> torch.Tensor:
-    """Hadamard matrix of order 12 by Paley's first construction over GF(11) (11 ≡ 3 mod 4)."""
-    q = 11
-    residues = {(i * i) % q for i in range(1, q)}
-    chi = [0] + [1 if a in residues else -1 for a in range(1, q)]
-    jacobsthal = torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
-    skew = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-    skew[0, 1:], skew[1:, 0], skew[1:, 1:] = 1.0, -1.0, jacobsthal
-    return skew + torch.eye(q + 1, dtype=torch.float64)
+def _one_plus(norm: nn.Module) -> bool:
+    """Whether ``norm`` scales by 1 + weight (Gemma's RMSNorm) rather than by weight."""
+    return type(norm).__name__.startswith("Gemma")
 
 
-def hadamard(n: int) -> torch.Tensor | None:
-    """A ±1 matrix H with H·Hᵀ = n·I for n = 2^k, 12·2^k or 144·2^k (Kronecker products), else None."""
-    for base, paley_factors in ((1, 0), (12, 1), (144, 2)):
-        power = n // base
-        if n % base == 0 and power & (power - 1) == 0:
-            matrix = _sylvester(power)
-            for _ in range(paley_factors):
-                matrix = torch.kron(_paley12(), matrix)
-            return matrix
-    return None
+def _gain(norm: nn.Module) -> torch.Tensor:
+    """The norm's effective gain in float64."""
+    weight = norm.weight.detach().double()
+    return 1.0 + weight if _one_plus(norm) else weight
 
 
-def random_rotation(n: int, kind: str, seed: int) -> torch.Tensor:
-    """An n×n orthogonal matrix (float64): random-signed Hadamard where ``kind`` is ``hadamard`` and a
-    construction exists, otherwise the Q of a Gaussian matrix's QR (signs fixed so the draw is uniform)."""
-    generator = torch.Generator().manual_seed(seed)
-    matrix = hadamard(n) if kind == "hadamard" else None
-    if matrix is not None:
-        signs = torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
-        return matrix * signs / n**0.5
-    gaussian = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gaussian)
-    return q * torch.sign(torch.diagonal(r))
+def _unit_gain(norm: nn.Module) -> None:
+    norm.weight.fill_(0.0 if _one_plus(norm) else 1.0)
 
 
 def _llama_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module]:
@@ -90,6 +77,8 @@ def _llama_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Modul
         layers = None
     head = getattr(model, "lm_head", None)
     required = ("input_layernorm", "post_attention_layernorm", *_PROJECTIONS)
+    if layers and _post_normed(layers[0]):
+        required = (*_GEMMA_NORMS, *_PROJECTIONS)
     problem = None
     if base is None or layers is None or head is None or not hasattr(base, "embed_tokens") or not hasattr(base, "norm"):
         problem = "no model.embed_tokens / model.layers / model.norm / lm_head"
@@ -99,13 +88,13 @@ def _llama_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Modul
             if missing:
                 problem = f"a decoder layer lacks {missing}"
                 break
-        norms = [base.norm] + [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
-        if problem is None and not all(type(m).__name__.endswith(_NORM_SUFFIX) for m in norms):
-            problem = "its norms are not RMSNorm (a LayerNorm subtracts the mean, which a rotation does not keep)"
-        if problem is None and any(type(m).__name__.startswith("Gemma") for m in norms):
-            problem = ("Gemma's norms after attention and MLP (post_attention_layernorm, post_feedforward_layernorm) "
-                       "normalise each branch's output before the residual add, so a rotation of the residual stream "
-                       "cannot fold into the weights around them; quantize it without rotation (rotation='none')")
+        if problem is None:
+            names = _GEMMA_NORMS if _post_normed(layers[0]) else ("input_layernorm", "post_attention_layernorm")
+            norms = [base.norm] + [layer.get_submodule(name) for layer in layers for name in names]
+            if not all(type(m).__name__.endswith(_NORM_SUFFIX) for m in norms):
+                problem = "its norms are not RMSNorm (a LayerNorm subtracts the mean, which a rotation does not keep)"
+            elif len({_post_normed(layer) for layer in layers}) > 1:
+                problem = "some decoder layers have post-norms and some do not"
     if problem is not None:
         raise ValueError(f"rotation supports Llama-family models (RMSNorm, q/k/v/o and gate/up/down projections); "
                          f"{type(model).__name__}: {problem}")
@@ -160,25 +149,27 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> Non
 
     for layer in layers:
         attention, mlp = layer.self_attn, layer.mlp
-        gain = layer.input_layernorm.weight.double()
+        post_normed = _post_normed(layer)  # Gemma: o and down write into a post-norm, not into the stream
         for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
-            reads(linear, gain)
-        layer.input_layernorm.weight.fill_(1.0)
+            reads(linear, _gain(layer.input_layernorm))
+        _unit_gain(layer.input_layernorm)
         v_heads = attention.v_proj.weight.shape[0] // head_dim
         v = attention.v_proj.weight.double().reshape(v_heads, head_dim, hidden)
         _set(attention.v_proj.weight, torch.einsum("hd,khi->kdi", r, v).reshape(-1, hidden))
         if attention.v_proj.bias is not None:
             _set(attention.v_proj.bias, (attention.v_proj.bias.double().reshape(v_heads, head_dim) @ r).reshape(-1))
-        o = attention.o_proj.weight.double().reshape(hidden, -1, head_dim)
-        _set(attention.o_proj.weight, (o @ r).reshape(hidden, -1))
-        writes(attention.o_proj)
-        gain = layer.post_attention_layernorm.weight.double()
+        o = attention.o_proj.weight.double().reshape(attention.o_proj.weight.shape[0], -1, head_dim)
+        _set(attention.o_proj.weight, (o @ r).reshape(attention.o_proj.weight.shape[0], -1))
+        mlp_norm = layer.pre_feedforward_layernorm if post_normed else layer.post_attention_layernorm
+        gain = _gain(mlp_norm)
         reads(mlp.gate_proj, gain)
         reads(mlp.up_proj, gain)
-        layer.post_attention_layernorm.weight.fill_(1.0)
-        writes(mlp.down_proj)
-    attach_stream_rotation(model, kind, seed, base.norm.weight.detach().float().clone())
-    base.norm.weight.fill_(1.0)
+        _unit_gain(mlp_norm)
+        if not post_normed:
+            writes(attention.o_proj)
+            writes(mlp.down_proj)
+    attach_stream_rotation(model, kind, seed, _gain(base.norm).float())
+    _unit_gain(base.norm)
 
 
 class StreamRotation(FixedDtypeBuffers, nn.Module):
@@ -240,6 +231,13 @@ def _enter(rotation: StreamRotation, base: nn.Module, args: tuple, kwargs: dict)
     return ((None, *args[1:]) if args else ()), kwargs
 
 
+def _join(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a post-norm (Gemma): the sub-layer's normalised output joins the rotated stream, ·Q in fp32
+    (no folded model to match, unlike the entering product)."""
+    with torch.autocast(output.device.type, enabled=False):
+        return (output.float() @ rotation.matrix).to(output.dtype)
+
+
 def _leave(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook of the final norm: its output leaves un-rotated, times the original gain."""
     return rotation.apply(output, transpose=True)
@@ -247,14 +245,18 @@ def _leave(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch
 
 def attach_stream_rotation(model: nn.Module, kind: str, seed: int, gain: torch.Tensor) -> None:
     """Rotate ``model``'s residual stream by Q = random_rotation(width, kind, seed) where it enters the decoder
-    and un-rotate it after the final norm, then apply ``gain`` (the hooks above); also what loading a rotated
-    artifact calls, with a gain the file fills."""
+    (and, in Gemma, where each post-norm's output joins it) and un-rotate it after the final norm, then apply
+    ``gain`` (the hooks above); also what loading a rotated artifact calls, with a gain the file fills."""
     base = model.model
     if hasattr(base, "atq_rotation"):
         raise ValueError("the model is already rotated")
     base.atq_rotation = StreamRotation(kind, seed, gain.to(base.norm.weight.device))
     base.register_forward_pre_hook(functools.partial(_enter, base.atq_rotation), with_kwargs=True)
     base.norm.register_forward_hook(functools.partial(_leave, base.atq_rotation))
+    for layer in decoder_blocks(model)[1]:
+        if _post_normed(layer):
+            for name in _POST_NORMS:
+                layer.get_submodule(name).register_forward_hook(functools.partial(_join, base.atq_rotation))
 
 
 def folded_stream(model: nn.Module, embedding: torch.Tensor | None = None,
@@ -268,5 +270,8 @@ def folded_stream(model: nn.Module, embedding: torch.Tensor | None = None,
     gain = base.norm.weight.detach()
     if not hasattr(base, "atq_rotation"):
         return embedding, head, gain
+    if any(_post_normed(layer) for layer in decoder_blocks(model)[1]):
+        raise ValueError("a rotated model with post-norms (Gemma) rotates each sub-layer's output at run time: no "
+                         "folding into its embedding and head removes that; quantize with rotation='none' to export")
     q, original = base.atq_rotation.rotation64(), base.atq_rotation.gain.double()
     return ((embedding.double() @ q).to(embedding.dtype), ((head.double() * original) @ q).to(head.dtype), gain)
