@@ -139,7 +139,7 @@ def main() -> int:
             quantize_embeddings(model, args.save_embedding)
             model.atq_config = model.atq_config.replace(embedding=args.save_embedding)
             save_quantized(model, args.save, tokenizer=tokenizer)
-        rows.append({"method": method, **{key: measured[key] for key in ROW_KEYS}})
+        rows.append({"method": method, **{key: measured[key] for key in ROW_KEYS}, "device": card})
         print(f"{method}: ppl {measured['ppl']:.4g} ({measured['quant_seconds']:.1f} s)", file=sys.stderr)
         write_json(args.out, report | {"rows": merged(rows, previous)})  # a run cut short keeps what it measured
     print(table(report | {"rows": merged(rows, previous)}))
