@@ -10,12 +10,15 @@ import re
 
 import torch
 
+from atq.flags import device_description
+
 CARDS = ("h200", "h100", "a100", "l40s")
 
 
 def device_name(device: str = "cuda") -> str:
-    """The GPU's name for a run on ``device`` ("cuda", "cuda:1", ...), else "cpu"."""
-    return torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    """The GPU's name for a run on ``device`` ("cuda", "cuda:1", ...), else "cpu" (also for "cuda" on a machine
+    without one: a benchmark's default device names the GPU it hopes for)."""
+    return device_description(device if torch.cuda.is_available() else "cpu")
 
 
 def results_path(stem: str) -> str:

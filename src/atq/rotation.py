@@ -150,8 +150,9 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> Non
     for layer in layers:
         attention, mlp = layer.self_attn, layer.mlp
         post_normed = _post_normed(layer)  # Gemma: o and down write into a post-norm, not into the stream
+        gain = _gain(layer.input_layernorm)
         for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
-            reads(linear, _gain(layer.input_layernorm))
+            reads(linear, gain)
         _unit_gain(layer.input_layernorm)
         v_heads = attention.v_proj.weight.shape[0] // head_dim
         v = attention.v_proj.weight.double().reshape(v_heads, head_dim, hidden)
