@@ -36,9 +36,9 @@ def match_gguf_tokenizer(tokenizer: Any, path: str | os.PathLike) -> Any:
                             "tokenizer.ggml.token_type", "general.architecture"))
     words = probe_words(fields.get("tokenizer.ggml.tokens") or [], fields.get("tokenizer.ggml.model"))
     count = _split_count(tokenizer, words)
-    if count is not None and str(fields.get("general.architecture", "")).startswith("gemma"):
-        import transformers
+    import transformers  # only its version is read, for the messages below
 
+    if count is not None and str(fields.get("general.architecture", "")).startswith("gemma"):
         rebuilt = gemma_tokenizer(fields, tokenizer)
         if _split_count(rebuilt, words) is None:
             log.warning("%s: transformers %s builds a tokenizer from this GGUF that encodes %d whole-word tokens of "
@@ -47,8 +47,6 @@ def match_gguf_tokenizer(tokenizer: Any, path: str | os.PathLike) -> Any:
                         count)
             tokenizer, count = rebuilt, None
     if count is not None:
-        import transformers
-
         raise ValueError(
             f"{path}: transformers {transformers.__version__} builds a tokenizer from this GGUF that encodes "
             f"{len(words)} whole-word tokens of its own vocabulary (e.g. {words[:3]}) as {count} tokens; llama.cpp "
