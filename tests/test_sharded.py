@@ -3,6 +3,8 @@ process does with the whole model (same global batch), and a sharded checkpoint 
 and weights of an uninterrupted run. The references are the unsharded loop (itself tested against one process
 in test_qat.py) and the uninterrupted sharded run."""
 
+import os
+
 import pytest
 import torch
 
@@ -33,6 +35,11 @@ def _student(sharded: bool):
 def _worker(rank: int, world: int, directory: str, interrupt: bool) -> None:
     import torch.distributed as dist
 
+    # A C++ abort (gloo's transport, a thread) leaves no Python traceback for mp.spawn to report: keep this
+    # process's stderr in a file that _run shows when a worker dies.
+    log = os.open(f"{directory}/stderr-{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 2)
+    os.close(log)
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{directory}/rendezvous")
     try:
         torch.set_num_threads(1)
@@ -53,7 +60,21 @@ def _run(directory, interrupt: bool) -> dict:
     import torch.multiprocessing as mp
 
     directory.mkdir()
-    mp.spawn(_worker, args=(2, str(directory), interrupt), nprocs=2, join=True)
+    # gloo binds to the address the hostname resolves to; a sandbox (CI) may resolve it to an interface that the
+    # two processes cannot reach each other on. Both live on this machine: the loopback interface always works.
+    previous = os.environ.get("GLOO_SOCKET_IFNAME")
+    if os.path.exists("/sys/class/net/lo"):  # Linux's name for it
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    try:
+        mp.spawn(_worker, args=(2, str(directory), interrupt), nprocs=2, join=True)
+    except mp.ProcessExitedException as error:
+        logs = {p.name: p.read_text()[-3000:] for p in sorted(directory.glob("stderr-*.log"))}
+        raise AssertionError(f"a gloo worker died ({error}); its stderr: {logs}") from error
+    finally:
+        if previous is None:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
+        else:
+            os.environ["GLOO_SOCKET_IFNAME"] = previous
     return torch.load(directory / "result.pt", weights_only=True)
 
 
