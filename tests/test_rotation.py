@@ -214,3 +214,19 @@ def test_a_rotated_gemma3_computes_the_same_function():
     with pytest.raises(ValueError, match="post-norms .* at run time"):
         folded_stream(rotated)
 
+
+
+def test_gemma3_post_norm_join_keeps_a_float64_stream_in_float64():
+    """The join hook's product takes the wider of fp32 and the output's dtype, as StreamRotation.apply does: a
+    float64 model's post-norm output times Q (the fp32 matrix both hooks use), against that product in float64
+    (an fp32 product is ~1e-7 off)."""
+    rotated = make_gemma3().double()
+    rotate_model(rotated, "hadamard")
+    post_norm = rotated.model.layers[0].post_attention_layernorm
+    hidden = torch.randn(2, 5, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        joined = post_norm(hidden)
+        post_norm._forward_hooks.clear()
+        expected = post_norm(hidden) @ rotated.model.atq_rotation.matrix.double()
+    assert joined.dtype == torch.float64
+    torch.testing.assert_close(joined, expected, rtol=0, atol=1e-12)

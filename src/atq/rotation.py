@@ -234,9 +234,11 @@ def _enter(rotation: StreamRotation, base: nn.Module, args: tuple, kwargs: dict)
 
 def _join(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook of a post-norm (Gemma): the sub-layer's normalised output joins the rotated stream, ·Q in fp32
-    (no folded model to match, unlike the entering product)."""
+    or the output's dtype where that is wider, as the leaving product (no folded model to match, unlike the
+    entering one): a float64 model stays float64 throughout."""
+    dtype = torch.promote_types(output.dtype, rotation.matrix.dtype)
     with torch.autocast(output.device.type, enabled=False):
-        return (output.float() @ rotation.matrix).to(output.dtype)
+        return (output.to(dtype) @ rotation.matrix.to(dtype)).to(output.dtype)
 
 
 def _leave(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
