@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -116,6 +118,19 @@ def test_quantize_with_rotation_round_trips(tmp_path, char_tokenizer, build):
         drift = (model(windows).logits - original(windows).logits).abs().mean()
         assert float(drift) < float(original(windows).logits.abs().mean())
     assert loaded.atq_config.rotation == "hadamard"
+    form = {"llama": "stream", "gemma3": "inputs"}[build]
+    assert loaded.model.atq_rotation.form == form
+    if build == "gemma3":  # a file of an earlier ATQ (no form: the stream form, broken on Gemma) is refused
+        from atq.io import ArtifactError
+
+        from .bad_inputs import edit_config
+
+        config = json.loads((tmp_path / "artifact" / "config.json").read_text())
+        config["quantization_config"].pop("rotation_form")
+        (tmp_path / "artifact" / "config.json").write_text(json.dumps(config))
+        edit_config(tmp_path / "artifact", rewrite_checksums=True)
+        with pytest.raises(ArtifactError, match="'stream' form .* 'inputs' form .* quantize the source model again"):
+            load_quantized(tmp_path / "artifact")
 
 
 def test_quantize_refuses_rotation_of_gpt2_before_touching_it(tiny_gpt2):
@@ -193,36 +208,56 @@ def make_gemma3(seed: int = 2, hidden: int = 48):
 
 
 def test_a_rotated_gemma3_computes_the_same_function():
-    """Gemma normalises each sub-layer's output before the residual add: the readers are rotated, the writers are
-    not, and each post-norm's output joins the rotated stream through a hook."""
+    """Gemma is rotated in the inputs form: the readers become W·Q and each pre-norm's output (gain kept) is
+    rotated by a hook; the stream, the writers, the norms and the embedding stay as they are."""
     model, rotated = make_gemma3().double(), make_gemma3().double()
     rotate_model(rotated, "hadamard")
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(rotated(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    assert rotated.model.atq_rotation.form == "inputs"
+    q = rotated.model.atq_rotation.matrix.double()
     before, after = model.model.layers[0], rotated.model.layers[0]
-    assert not torch.allclose(after.self_attn.q_proj.weight, before.self_attn.q_proj.weight)
-    assert not torch.allclose(after.mlp.up_proj.weight, before.mlp.up_proj.weight)
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj"):  # W·Q, no gain folded
+        torch.testing.assert_close(after.get_submodule(name).weight, before.get_submodule(name).weight @ q,
+                                   rtol=0, atol=1e-6)
     torch.testing.assert_close(after.mlp.down_proj.weight, before.mlp.down_proj.weight, rtol=0, atol=0)
-    for name in ("input_layernorm", "pre_feedforward_layernorm"):  # unit gain: w = 0 in Gemma's 1 + w
-        assert float(after.get_submodule(name).weight.abs().max()) == 0
-    assert float(rotated.model.norm.weight.abs().max()) == 0
-    for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+    for name in ("input_layernorm", "pre_feedforward_layernorm", "post_attention_layernorm",
+                 "post_feedforward_layernorm"):  # every gain stays in its norm
         assert torch.equal(after.get_submodule(name).weight, before.get_submodule(name).weight)
+    assert torch.equal(rotated.model.norm.weight, model.model.norm.weight)
+    assert torch.equal(rotated.model.embed_tokens.weight, model.model.embed_tokens.weight)
     from atq.rotation import folded_stream
 
     with pytest.raises(ValueError, match="post-norms .* at run time"):
         folded_stream(rotated)
 
 
+def test_gemma3_rotation_keeps_zero_gains_in_the_norm():
+    """Why the inputs form: a pre-norm gain of exactly 0 (Gemma 3 270M silences its massive-activation channels
+    so) stays in the norm, so whatever that channel carries never reaches the ternary weights (folded into them,
+    as the stream form does, its zero must be reproduced by ternary codes, which they cannot). Planted: 1 + w = 0
+    on channel 5 of layer 0's input norm; q_proj's input, un-rotated, is 0 on channel 5."""
+    model = make_gemma3().double()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] = -1.0
+    rotate_model(model, "hadamard")
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4)))
+    unrotated = seen[0] @ model.model.atq_rotation.matrix.double().T
+    assert float(unrotated[..., 5].abs().max()) < 1e-6 * float(unrotated.abs().max())
+    assert float(unrotated[..., 4].abs().max()) > 0.01 * float(unrotated.abs().max())
 
-def test_gemma3_post_norm_join_keeps_a_float64_stream_in_float64():
-    """The join hook's product takes the wider of fp32 and the output's dtype, as StreamRotation.apply does: a
-    float64 model's post-norm output times Q (the fp32 matrix both hooks use), against that product in float64
+
+def test_gemma3_input_rotation_keeps_a_float64_model_in_float64():
+    """The input hook's product takes the wider of fp32 and the output's dtype, as StreamRotation.apply does: a
+    float64 model's pre-norm output times Q (the fp32 matrix both hooks use), against that product in float64
     (an fp32 product is ~1e-7 off)."""
     rotated = make_gemma3().double()
     rotate_model(rotated, "hadamard")
-    post_norm = rotated.model.layers[0].post_attention_layernorm
+    post_norm = rotated.model.layers[0].pre_feedforward_layernorm
     hidden = torch.randn(2, 5, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         joined = post_norm(hidden)

@@ -113,7 +113,9 @@ def quantization_config(model: nn.Module, dtype: str) -> dict[str, Any]:
 
 def _rotation(model: nn.Module) -> dict[str, Any]:
     rotation = getattr(getattr(model, "model", None), "atq_rotation", None)
-    return {"rotation": rotation.kind, "rotation_seed": rotation.seed} if rotation is not None else {"rotation": None}
+    if rotation is None:
+        return {"rotation": None}
+    return {"rotation": rotation.kind, "rotation_seed": rotation.seed, "rotation_form": rotation.form}
 
 
 def stored_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -218,7 +220,14 @@ def build_skeleton(model: nn.Module, qconfig: dict[str, Any]) -> None:
         model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
     if qconfig.get("rotation"):
         hidden = model.get_input_embeddings().embedding_dim
-        attach_stream_rotation(model, qconfig["rotation"], qconfig["rotation_seed"], torch.zeros(hidden))
+        form = attach_stream_rotation(model, qconfig["rotation"], qconfig["rotation_seed"], torch.zeros(hidden))
+        # the form follows from the model's structure; a Gemma file without one was rotated in the stream form,
+        # which folded its norm gains into ternary weights (perplexity 1e12 on Gemma 3 270M): never load it as
+        # the inputs form, whose weights differ
+        if qconfig.get("rotation_form", "stream") != form:
+            raise ArtifactError(f"quantization_config rotates in the {qconfig.get('rotation_form', 'stream')!r} form "
+                                f"but this model takes the {form!r} form (an earlier ATQ's rotated Gemma, which was "
+                                "broken): quantize the source model again with this version")
     if qconfig["embedding"] in ("q8_0", "q4_0"):
         quantized_embedding_frames(model, qconfig["embedding"], qconfig["embedding_tied"], dtype)
 

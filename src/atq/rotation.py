@@ -18,12 +18,18 @@ group ("incoherence processing", QuIP), while the model's output stays the same 
 
 down_proj's input is not rotated: that needs an online rotation at inference (QuaRot's online Hadamard).
 
-Gemma (norms after each sub-layer too: ``h + post_norm(attn(input_norm(h)))``): the layers that read the stream
-(q/k/v after ``input_layernorm``, gate/up after ``pre_feedforward_layernorm``) are rotated as above and the values
-per head by R, but o and down are not: they write into a post-norm, whose gain does not commute with Q. Instead
-each post-norm's output enters the rotated stream by a forward hook (·Q, one d x d product per sub-layer and token:
-an online rotation, so the model cannot be folded for a runtime without hooks). Gemma's norms scale by 1 + w, so a
-unit gain is w = 0.
+Gemma (norms after each sub-layer too: ``h + post_norm(attn(input_norm(h)))``) is rotated in another form: the
+stream stays as it is, and the input of each reading sub-layer is rotated at run time instead, a forward hook on
+``input_layernorm`` and ``pre_feedforward_layernorm`` taking their output (gain applied) times Q, with q/k/v and
+gate/up becoming W·Q (values per head by R as above; o and down unchanged: they write into a post-norm, whose gain
+does not commute with Q). Why not the stream form: it folds each pre-norm's gain into the readers, and Gemma's
+gains are wild (a median |1 + w| of 25-33 with exact zeros on the channels that carry its massive activations,
+97% of a normalised token's energy in 2 of 640 channels of Gemma 3 270M). Folded, a zero gain must be reproduced
+by ternary weights that cannot: calibrated one-plane PTQ of Gemma 3 270M reached output errors above 1 from the
+second block on and perplexity 1.4e12 (unrotated: 721, 8 x 512 calibration tokens, CPU). Rotating the gained input
+leaves that to the norm and measured output error 0.222 against the unrotated 0.254 on block 1's gate_proj. Two
+d x d products per block and token; the model cannot be folded for a runtime without hooks. Gemma's norms scale
+by 1 + w.
 
 Rotations: ``hadamard`` (a Hadamard matrix times random signs, scaled to be orthogonal: the flattest mixing,
 which SpinQuant found better than random orthogonal) for widths with a construction (``atq.orthogonal``: 2^k, 12·2^k,
@@ -46,6 +52,7 @@ _NORM_SUFFIX = "RMSNorm"
 _PROJECTIONS = tuple(LLAMA_LINEARS)
 _POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # Gemma: after each sub-layer
 _GEMMA_NORMS = ("input_layernorm", *_POST_NORMS, "pre_feedforward_layernorm")
+_READER_NORMS = ("input_layernorm", "pre_feedforward_layernorm")  # Gemma: their outputs feed q/k/v and gate/up
 
 
 def _post_normed(layer: nn.Module) -> bool:
@@ -147,13 +154,17 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> Non
         if linear.bias is not None:
             _set(linear.bias, linear.bias.double() @ q)
 
+    inputs_form = any(_post_normed(layer) for layer in layers)  # Gemma: the readers' inputs are rotated
     for layer in layers:
         attention, mlp = layer.self_attn, layer.mlp
-        post_normed = _post_normed(layer)  # Gemma: o and down write into a post-norm, not into the stream
-        gain = _gain(layer.input_layernorm)
-        for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
-            reads(linear, gain)
-        _unit_gain(layer.input_layernorm)
+        mlp_norm = layer.pre_feedforward_layernorm if inputs_form else layer.post_attention_layernorm
+        for norm, readers in ((layer.input_layernorm, (attention.q_proj, attention.k_proj, attention.v_proj)),
+                              (mlp_norm, (mlp.gate_proj, mlp.up_proj))):
+            gain = torch.ones(hidden, dtype=torch.float64, device=device) if inputs_form else _gain(norm)
+            for linear in readers:
+                reads(linear, gain)
+            if not inputs_form:
+                _unit_gain(norm)
         v_heads = attention.v_proj.weight.shape[0] // head_dim
         v = attention.v_proj.weight.double().reshape(v_heads, head_dim, hidden)
         _set(attention.v_proj.weight, torch.einsum("hd,khi->kdi", r, v).reshape(-1, hidden))
@@ -161,28 +172,28 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> Non
             _set(attention.v_proj.bias, (attention.v_proj.bias.double().reshape(v_heads, head_dim) @ r).reshape(-1))
         o = attention.o_proj.weight.double().reshape(attention.o_proj.weight.shape[0], -1, head_dim)
         _set(attention.o_proj.weight, (o @ r).reshape(attention.o_proj.weight.shape[0], -1))
-        mlp_norm = layer.pre_feedforward_layernorm if post_normed else layer.post_attention_layernorm
-        gain = _gain(mlp_norm)
-        reads(mlp.gate_proj, gain)
-        reads(mlp.up_proj, gain)
-        _unit_gain(mlp_norm)
-        if not post_normed:
+        if not inputs_form:
             writes(attention.o_proj)
             writes(mlp.down_proj)
-    attach_stream_rotation(model, kind, seed, _gain(base.norm).float())
-    _unit_gain(base.norm)
+    if inputs_form:
+        attach_stream_rotation(model, kind, seed, torch.ones(hidden))
+    else:
+        attach_stream_rotation(model, kind, seed, _gain(base.norm).float())
+        _unit_gain(base.norm)
 
 
 class StreamRotation(FixedDtypeBuffers, nn.Module):
     """Q and the final norm's original gain g (both fp32 whatever the model's dtype) for the two hooks. The norm
     itself keeps a gain of 1 in the rotated basis, as when g is folded into the head: tuning trains that.
-    Q is rebuilt from (kind, seed) rather than stored: a d x d matrix is as large as 40 of SmolLM2's layers."""
+    Q is rebuilt from (kind, seed) rather than stored: a d x d matrix is as large as 40 of SmolLM2's layers.
+    ``form``: ``stream`` (the residual stream is rotated) or ``inputs`` (Gemma: each reading sub-layer's input
+    is; g is then 1 and unused), set by ``attach_stream_rotation`` from the model's structure."""
 
     fixed_dtype_buffers = ("matrix", "gain")
 
     def __init__(self, kind: str, seed: int, gain: torch.Tensor) -> None:
         super().__init__()
-        self.kind, self.seed = kind, seed
+        self.kind, self.seed, self.form = kind, seed, "stream"
         self.register_buffer("gain", gain)
         self.register_buffer("matrix", self.build(), persistent=False)
 
@@ -232,10 +243,9 @@ def _enter(rotation: StreamRotation, base: nn.Module, args: tuple, kwargs: dict)
     return ((None, *args[1:]) if args else ()), kwargs
 
 
-def _join(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook of a post-norm (Gemma): the sub-layer's normalised output joins the rotated stream, ·Q in fp32
-    or the output's dtype where that is wider, as the leaving product (no folded model to match, unlike the
-    entering one): a float64 model stays float64 throughout."""
+def _rotate_input(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a reading sub-layer's pre-norm (Gemma's ``inputs`` form): its output, gain applied, times Q
+    in fp32 or the output's dtype where that is wider (no folded model to match, unlike the entering product)."""
     dtype = torch.promote_types(output.dtype, rotation.matrix.dtype)
     with torch.autocast(output.device.type, enabled=False):
         return (output.to(dtype) @ rotation.matrix.to(dtype)).to(output.dtype)
@@ -246,20 +256,25 @@ def _leave(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch
     return rotation.apply(output, transpose=True)
 
 
-def attach_stream_rotation(model: nn.Module, kind: str, seed: int, gain: torch.Tensor) -> None:
-    """Rotate ``model``'s residual stream by Q = random_rotation(width, kind, seed) where it enters the decoder
-    (and, in Gemma, where each post-norm's output joins it) and un-rotate it after the final norm, then apply
-    ``gain`` (the hooks above); also what loading a rotated artifact calls, with a gain the file fills."""
+def attach_stream_rotation(model: nn.Module, kind: str, seed: int, gain: torch.Tensor) -> str:
+    """Attach Q = random_rotation(width, kind, seed) by hooks and return the form. Llama (``stream``): the stream
+    is rotated where it enters the decoder and un-rotated after the final norm, then times ``gain``. Gemma
+    (``inputs``, post-norms): the output of each reading sub-layer's pre-norm is rotated. Also what loading a
+    rotated artifact calls, with a gain the file fills."""
     base = model.model
     if hasattr(base, "atq_rotation"):
         raise ValueError("the model is already rotated")
     base.atq_rotation = StreamRotation(kind, seed, gain.to(base.norm.weight.device))
-    base.register_forward_pre_hook(functools.partial(_enter, base.atq_rotation), with_kwargs=True)
-    base.norm.register_forward_hook(functools.partial(_leave, base.atq_rotation))
-    for layer in decoder_blocks(model)[1]:
-        if _post_normed(layer):
-            for name in _POST_NORMS:
-                layer.get_submodule(name).register_forward_hook(functools.partial(_join, base.atq_rotation))
+    layers = decoder_blocks(model)[1]
+    if any(_post_normed(layer) for layer in layers):
+        base.atq_rotation.form = "inputs"
+        for layer in layers:
+            for name in _READER_NORMS:
+                layer.get_submodule(name).register_forward_hook(functools.partial(_rotate_input, base.atq_rotation))
+    else:
+        base.register_forward_pre_hook(functools.partial(_enter, base.atq_rotation), with_kwargs=True)
+        base.norm.register_forward_hook(functools.partial(_leave, base.atq_rotation))
+    return base.atq_rotation.form
 
 
 def folded_stream(model: nn.Module, embedding: torch.Tensor | None = None,
@@ -274,7 +289,7 @@ def folded_stream(model: nn.Module, embedding: torch.Tensor | None = None,
     if not hasattr(base, "atq_rotation"):
         return embedding, head, gain
     if any(_post_normed(layer) for layer in decoder_blocks(model)[1]):
-        raise ValueError("a rotated model with post-norms (Gemma) rotates each sub-layer's output at run time: no "
+        raise ValueError("a rotated model with post-norms (Gemma) rotates each sub-layer's input at run time: no "
                          "folding into its embedding and head removes that; quantize with rotation='none' to export")
     q, original = base.atq_rotation.rotation64(), base.atq_rotation.gain.double()
     return ((embedding.double() @ q).to(embedding.dtype), ((head.double() * original) @ q).to(head.dtype), gain)
