@@ -23,11 +23,10 @@ stream stays as it is, and the input of each reading sub-layer is rotated at run
 ``input_layernorm`` and ``pre_feedforward_layernorm`` taking their output (gain applied) times Q, with q/k/v and
 gate/up becoming W·Q (values per head by R as above; o and down unchanged: they write into a post-norm, whose gain
 does not commute with Q). Why not the stream form: it folds each pre-norm's gain into the readers, and Gemma's
-gains are wild (a median |1 + w| of 25-33 with exact zeros on the channels that carry its massive activations,
+gains are wild (a median |1 + w| of 7.7, with exact zeros on the channels that carry its massive activations:
 97% of a normalised token's energy in 2 of 640 channels of Gemma 3 270M). Folded, a zero gain must be reproduced
-by ternary weights that cannot: calibrated one-plane PTQ of Gemma 3 270M reached output errors above 1 from the
-second block on and perplexity 1.4e12 (unrotated: 721, 8 x 512 calibration tokens, CPU). Rotating the gained input
-leaves that to the norm and measured output error 0.222 against the unrotated 0.254 on block 1's gate_proj. Two
+by ternary codes, which cannot: calibrated one-plane PTQ of Gemma 3 270M reached output errors above 1 and
+perplexity 1.4e12 (unrotated: 721; the inputs form: 385; experiments/gemma_rotation_forms.py, CPU). Two
 d x d products per block and token; the model cannot be folded for a runtime without hooks. Gemma's norms scale
 by 1 + w.
 
