@@ -101,3 +101,33 @@ def test_onload_refusals_come_before_the_model_changes():
         quantize(model, QuantConfig(group_size=32, rotation="hadamard"), quiet=True, onload=True)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_rotated_gemma_onloads_with_its_input_hooks_inside_the_blocks(monkeypatch):
+    """Gemma's rotation hooks run inside each block (the inputs form), so under onloading Q must reach the block's
+    device rather than stay home with the parts outside the blocks. Home is played by the meta device (the CPU is
+    the only real one here): the blocks must quantize as with the whole model, bit for bit."""
+    from .test_rotation import make_gemma3
+
+    config = CONFIG.replace(group_size=16)
+    whole = make_gemma3(seed=3)
+    quantize(whole, config, calibration=windows(), quiet=True)
+    onloading(monkeypatch)
+    real = calibration.onloaded
+
+    @contextlib.contextmanager
+    def home_on_meta(modules, device, home, whole_block):
+        with real(modules, device, home, whole_block):
+            yield
+        if not whole_block:
+            for module in modules:
+                module._apply(lambda t: t.to("meta"), recurse=False)
+
+    monkeypatch.setattr(calibration, "onloaded", home_on_meta)
+    blockwise = make_gemma3(seed=3)
+    quantize(blockwise, config, calibration=windows(), quiet=True, device="cpu")
+    assert blockwise.model.atq_rotation.matrix.is_meta  # Q itself stayed home the whole time
+    expected, got = whole.model.layers.state_dict(), blockwise.model.layers.state_dict()
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name

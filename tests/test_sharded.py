@@ -52,6 +52,7 @@ def _worker(rank: int, world: int, directory: str, interrupt: bool) -> None:
         state = full_state_dict(student)
         if rank == 0:
             torch.save({"losses": [h["loss"] for h in history], "state": state}, f"{directory}/result.pt")
+        dist.barrier()  # tear down together (atq.training.leave_distributed says why)
     finally:
         dist.destroy_process_group()
 

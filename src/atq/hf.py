@@ -76,6 +76,8 @@ class AtqHfQuantizer(HfQuantizer):
             check_consistent(self.quantization_config.to_dict(), file)
         try:
             build_skeleton(model, self.quantization_config.to_dict())
+        except ArtifactError:  # already names the field and the fix
+            raise
         except (KeyError, TypeError, ValueError) as error:
             raise ArtifactError(f"quantization_config does not describe a loadable model: {error!r}") from error
 

@@ -224,10 +224,12 @@ def build_skeleton(model: nn.Module, qconfig: dict[str, Any]) -> None:
         # the form follows from the model's structure; a Gemma file without one was rotated in the stream form,
         # which folded its norm gains into ternary weights (perplexity 1e12 on Gemma 3 270M): never load it as
         # the inputs form, whose weights differ
-        if qconfig.get("rotation_form", "stream") != form:
-            raise ArtifactError(f"quantization_config rotates in the {qconfig.get('rotation_form', 'stream')!r} form "
-                                f"but this model takes the {form!r} form (an earlier ATQ's rotated Gemma, which was "
-                                "broken): quantize the source model again with this version")
+        stored = qconfig.get("rotation_form", "stream")
+        if stored != form:
+            why = ("an earlier ATQ's rotated Gemma, which was broken" if form == "inputs" and stored == "stream"
+                   else "the config was edited or belongs to another model")
+            raise ArtifactError(f"quantization_config.rotation_form is {stored!r} but this model takes the {form!r} "
+                                f"form ({why}): quantize the source model again with this version")
     if qconfig["embedding"] in ("q8_0", "q4_0"):
         quantized_embedding_frames(model, qconfig["embedding"], qconfig["embedding_tied"], dtype)
 

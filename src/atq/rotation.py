@@ -26,9 +26,8 @@ does not commute with Q). Why not the stream form: it folds each pre-norm's gain
 gains are wild (a median |1 + w| of 7.7, with exact zeros on the channels that carry its massive activations:
 97% of a normalised token's energy in 2 of 640 channels of Gemma 3 270M). Folded, a zero gain must be reproduced
 by ternary codes, which cannot: calibrated one-plane PTQ of Gemma 3 270M reached output errors above 1 and
-perplexity 1.4e12 (unrotated: 721; the inputs form: 385; experiments/gemma_rotation_forms.py, CPU). Two
-d x d products per block and token; the model cannot be folded for a runtime without hooks. Gemma's norms scale
-by 1 + w.
+perplexity 1.4e12 (unrotated: 721; the inputs form: 385; experiments/gemma_rotation_forms.py, CPU). Two d x d
+products per block and token, and no folding for a runtime without hooks.
 
 Rotations: ``hadamard`` (a Hadamard matrix times random signs, scaled to be orthogonal: the flattest mixing,
 which SpinQuant found better than random orthogonal) for widths with a construction (``atq.orthogonal``: 2^k, 12·2^k,
@@ -185,8 +184,7 @@ class StreamRotation(FixedDtypeBuffers, nn.Module):
     """Q and the final norm's original gain g (both fp32 whatever the model's dtype) for the two hooks. The norm
     itself keeps a gain of 1 in the rotated basis, as when g is folded into the head: tuning trains that.
     Q is rebuilt from (kind, seed) rather than stored: a d x d matrix is as large as 40 of SmolLM2's layers.
-    ``form``: ``stream`` (the residual stream is rotated) or ``inputs`` (Gemma: each reading sub-layer's input
-    is; g is then 1 and unused), set by ``attach_stream_rotation`` from the model's structure."""
+    ``form``: ``stream`` or ``inputs`` (Gemma; g is 1, unused), set by ``attach_stream_rotation``."""
 
     fixed_dtype_buffers = ("matrix", "gain")
 
@@ -222,13 +220,20 @@ class StreamRotation(FixedDtypeBuffers, nn.Module):
             return (hidden.double() @ self.rotation64()).to(hidden.dtype)
 
     def rotation64(self) -> torch.Tensor:
-        """Q in float64 (built once per device): the entering product's factor."""
-        cached = getattr(self, "_matrix64", None)
-        if cached is None or cached.device != self.matrix.device:
+        """Q in float64 on Q's device: the entering product's factor."""
+        return self.factor(self.matrix.device, exact=True)
+
+    def factor(self, device: torch.device, exact: bool = False) -> torch.Tensor:
+        """Q on ``device``, float64 (``exact``) or fp32, built from (kind, seed) once per device and kept. Built,
+        not copied from ``matrix``: under onloading Gemma's input hooks run inside a block on the GPU while this
+        module stays home, possibly a meta skeleton's."""
+        factors = self.__dict__.setdefault("_factors", {})
+        key = (torch.device(device), exact)
+        if key not in factors:
             with torch.device("cpu"):
-                cached = random_rotation(self.gain.shape[0], self.kind, self.seed)
-            self._matrix64 = cached = cached.to(self.matrix.device)
-        return cached
+                q = random_rotation(self.gain.shape[0], self.kind, self.seed)
+            factors[key] = (q if exact else q.float()).to(device)
+        return factors[key]
 
 
 def _enter(rotation: StreamRotation, base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -244,10 +249,11 @@ def _enter(rotation: StreamRotation, base: nn.Module, args: tuple, kwargs: dict)
 
 def _rotate_input(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook of a reading sub-layer's pre-norm (Gemma's ``inputs`` form): its output, gain applied, times Q
-    in fp32 or the output's dtype where that is wider (no folded model to match, unlike the entering product)."""
-    dtype = torch.promote_types(output.dtype, rotation.matrix.dtype)
+    on the output's device, in fp32, or in float64 with the float64 Q the weights were rotated by (a float64
+    model then computes the original's function exactly)."""
+    q = rotation.factor(output.device, exact=output.dtype == torch.float64)
     with torch.autocast(output.device.type, enabled=False):
-        return (output.to(dtype) @ rotation.matrix.to(dtype)).to(output.dtype)
+        return (output.to(q.dtype) @ q).to(output.dtype)
 
 
 def _leave(rotation: StreamRotation, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

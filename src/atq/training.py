@@ -132,8 +132,7 @@ def _confidence(value: str | None) -> float | None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import check_directory
     from .data import load_text
-    from .models import load_model
-    from .qat import TrainConfig, train
+    from .qat import TrainConfig
 
     sources = _check_flags(args)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -148,6 +147,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_directory(f"{args.out}.ckpt")
     check_replaceable(Path(args.out), is_artifact)
     rank, device = init_distributed(args.device)
+    try:
+        code = _train(args, config, sources, texts, rank, device)
+    except BaseException:
+        leave_distributed(wait=False)
+        raise
+    leave_distributed(wait=True)
+    return code
+
+
+def _train(args: argparse.Namespace, config, sources: list[str], texts: dict, rank: int, device: str) -> int:
+    """The rest of ``cmd_train``, once this process has joined the process group (if any)."""
+    from .models import load_model
+    from .qat import train
+
     teacher, tokenizer = load_model(args.model, device=device)
     student = _student(args, teacher, device)
     windows = _windows(args, sources, texts, teacher, tokenizer, rank)
@@ -256,6 +269,18 @@ def _save(args: argparse.Namespace, student: nn.Module, teacher: nn.Module, toke
     if rank == 0:
         to_packed(student)
         save_quantized(student, args.out, tokenizer=tokenizer)
+
+
+def leave_distributed(wait: bool) -> None:
+    """Leave the process group: a barrier when ``wait`` (rank 0 may still be saving; a failed process skips it),
+    then destroy it. Left to interpreter exit, gloo's threads die in no set order and a process can abort
+    ("terminate called without an active exception", SIGABRT, seen in CI)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def init_distributed(device: str) -> tuple[int, str]:
