@@ -131,3 +131,20 @@ def test_a_rotated_gemma_onloads_with_its_input_hooks_inside_the_blocks(monkeypa
     assert expected.keys() == got.keys()
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CPU has no second device to onload to")
+def test_a_rotated_gemma_onloads_from_the_cpu_to_the_gpu():
+    """The real move, where a GPU exists: a rotated tiny Gemma held in CPU memory, calibrated one block at a time on
+    the GPU, gives the blocks that calibrating it whole on the GPU gives."""
+    from .test_rotation import make_gemma3
+
+    config = CONFIG.replace(group_size=16)
+    whole = make_gemma3(seed=3).cuda()
+    quantize(whole, config, calibration=windows(), quiet=True)
+    blockwise = make_gemma3(seed=3)
+    quantize(blockwise, config, calibration=windows(), quiet=True, device="cuda", onload=True)
+    assert blockwise.model.embed_tokens.weight.device.type == "cpu"
+    expected, got = whole.model.layers.state_dict(), blockwise.model.layers.state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name].cpu(), value.cpu(), rtol=1e-5, atol=1e-6, msg=name)
