@@ -264,11 +264,11 @@ def test_gemma3_input_rotation_keeps_a_float64_model_in_float64():
     off)."""
     rotated = make_gemma3().double()
     rotate_model(rotated, "hadamard")
-    post_norm = rotated.model.layers[0].pre_feedforward_layernorm
+    norm = rotated.model.layers[0].pre_feedforward_layernorm
     hidden = torch.randn(2, 5, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        joined = post_norm(hidden)
-        post_norm._forward_hooks.clear()
-        expected = post_norm(hidden) @ random_rotation(48, "hadamard", 0)
-    assert joined.dtype == torch.float64
-    torch.testing.assert_close(joined, expected, rtol=0, atol=1e-12)
+        hooked = norm(hidden)
+        norm._forward_hooks.clear()
+        expected = norm(hidden) @ random_rotation(48, "hadamard", 0)
+    assert hooked.dtype == torch.float64
+    torch.testing.assert_close(hooked, expected, rtol=0, atol=1e-12)

@@ -63,19 +63,14 @@ def _run(directory, interrupt: bool) -> dict:
     directory.mkdir()
     # gloo binds to the address the hostname resolves to; a sandbox (CI) may resolve it to an interface that the
     # two processes cannot reach each other on. Both live on this machine: the loopback interface always works.
-    previous = os.environ.get("GLOO_SOCKET_IFNAME")
-    if os.path.exists("/sys/class/net/lo"):  # Linux's name for it
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    try:
-        mp.spawn(_worker, args=(2, str(directory), interrupt), nprocs=2, join=True)
-    except mp.ProcessExitedException as error:
-        logs = {p.name: p.read_text()[-3000:] for p in sorted(directory.glob("stderr-*.log"))}
-        raise AssertionError(f"a gloo worker died ({error}); its stderr: {logs}") from error
-    finally:
-        if previous is None:
-            os.environ.pop("GLOO_SOCKET_IFNAME", None)
-        else:
-            os.environ["GLOO_SOCKET_IFNAME"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        if os.path.exists("/sys/class/net/lo"):  # Linux's name for it
+            patch.setenv("GLOO_SOCKET_IFNAME", "lo")
+        try:
+            mp.spawn(_worker, args=(2, str(directory), interrupt), nprocs=2, join=True)
+        except mp.ProcessExitedException as error:
+            logs = {p.name: p.read_text()[-3000:] for p in sorted(directory.glob("stderr-*.log"))}
+            raise AssertionError(f"a gloo worker died ({error}); its stderr: {logs}") from error
     return torch.load(directory / "result.pt", weights_only=True)
 
 

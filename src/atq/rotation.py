@@ -144,8 +144,9 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> Non
     q = random_rotation(hidden, kind, seed).to(device)
     r = random_rotation(head_dim, kind, seed + 1).to(device)
 
-    def reads(linear: nn.Linear, gain: torch.Tensor) -> None:  # W -> (W·diag(gain))·Q
-        _set(linear.weight, (linear.weight.double() * gain) @ q)
+    def reads(linear: nn.Linear, gain: torch.Tensor | None) -> None:  # W -> (W·diag(gain))·Q, or W·Q
+        weight = linear.weight.double()
+        _set(linear.weight, (weight if gain is None else weight * gain) @ q)
 
     def writes(linear: nn.Linear) -> None:  # W -> Qᵀ·W, b -> b·Q
         _set(linear.weight, q.T @ linear.weight.double())
@@ -158,7 +159,7 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> Non
         mlp_norm = layer.pre_feedforward_layernorm if inputs_form else layer.post_attention_layernorm
         for norm, readers in ((layer.input_layernorm, (attention.q_proj, attention.k_proj, attention.v_proj)),
                               (mlp_norm, (mlp.gate_proj, mlp.up_proj))):
-            gain = torch.ones(hidden, dtype=torch.float64, device=device) if inputs_form else _gain(norm)
+            gain = None if inputs_form else _gain(norm)  # inputs form: the gain stays in the norm
             for linear in readers:
                 reads(linear, gain)
             if not inputs_form:
@@ -196,9 +197,7 @@ class StreamRotation(FixedDtypeBuffers, nn.Module):
 
     def build(self) -> torch.Tensor:
         """Q on the gain's device (a meta skeleton gets a meta Q; ``materialize`` fills it once loaded)."""
-        with torch.device("cpu"):
-            matrix = random_rotation(self.gain.shape[0], self.kind, self.seed).float()
-        return matrix.to(self.gain.device)
+        return self.factor(self.gain.device)
 
     def materialize(self) -> None:
         self.matrix = self.build()
